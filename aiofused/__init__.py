@@ -1,0 +1,64 @@
+"""aiofused: fused I/O for asyncio.
+
+An io_uring-faithful ring (SQEs, CQEs, links, ``-errno`` results) on the running
+asyncio loop, with the primary/secondary *fused command* model of the unmerged
+``IORING_OP_FUSED_CMD`` series: a driver's primary lends a buffer to secondary
+READ/WRITE/SEND/RECV ops that run concurrently on it, and completes only after all
+of them.  Plain ops run on a real kernel io_uring where the machine allows it, and
+on asyncio otherwise, with the same semantics.
+"""
+
+from aiofused._driver import Driver, DriverFile, IssueFlag, UringCmd, available_drivers
+from aiofused._errors import (
+    AiofusedError,
+    BackendUnavailable,
+    DriverError,
+    RingClosedError,
+    check_res,
+    res_to_error,
+)
+from aiofused._lease import FusedScope, Lease
+from aiofused._ring import Ring
+from aiofused._sqe import Cqe, Sqe
+from aiofused._uapi import (
+    EIOCBQUEUED,
+    MAX_SECONDARY,
+    BufDir,
+    CqeFlag,
+    Feature,
+    Op,
+    SetupFlag,
+    SqeFlag,
+    UringCmdFlag,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EIOCBQUEUED",
+    "MAX_SECONDARY",
+    "AiofusedError",
+    "BackendUnavailable",
+    "BufDir",
+    "Cqe",
+    "CqeFlag",
+    "Driver",
+    "DriverError",
+    "DriverFile",
+    "Feature",
+    "FusedScope",
+    "IssueFlag",
+    "Lease",
+    "Op",
+    "Ring",
+    "RingClosedError",
+    "SetupFlag",
+    "Sqe",
+    "SqeFlag",
+    "UringCmd",
+    "UringCmdFlag",
+    "__version__",
+    "available_drivers",
+    "check_res",
+    "res_to_error",
+]

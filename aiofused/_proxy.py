@@ -1,0 +1,989 @@
+"""``aiofused proxy``: a mirroring TCP proxy whose data path is fused commands.
+
+Theory of operation
+-------------------
+Per connection there are two *pumps*, client→upstream and upstream→client.  A pump
+is a loop of fused commands on the relay driver (``drivers/relay.py``)::
+
+    async with ring.fused(relay, RELAY_RECV, cmd=src.cmd, buf_dir=BufDir.SRC) as lease:
+        send lease.buffer to the destination and, concurrently, to every live mirror
+
+The primary receives into a buffer from the driver's bounded pool and lends it; the
+SEND secondaries read that same memory; the buffer goes back to the pool when the
+primary completes.  Python never copies payload bytes.
+
+Semantics:
+
+* **Half-close.**  End of stream from one side (the primary completes with 0) becomes
+  ``shutdown(SHUT_WR)`` on the other side and on the mirrors; the other direction
+  keeps flowing.  The connection closes when both directions have ended.
+* **Resets and errors.**  A reset on either side, or a failed send on the main path,
+  aborts both sides (RST) and is logged.  A refused or unreachable upstream closes
+  the client (FIN) and is logged.
+* **Backpressure.**  A pump lends one buffer at a time and the driver pauses the
+  source when its filling buffer is full, so a slow reader slows the sender; the
+  pool bounds memory.
+* **Mirrors never slow the main path.**  A mirror's SEND runs beside the main SEND on
+  the same lent buffer; if it has not finished when the main SEND has, the mirror is
+  more than its socket buffer behind: it is cut (reset), and the bytes it missed
+  and every later byte of the connection are counted as dropped and logged.  A
+  mirror that refuses, resets, or is not connected by the first byte is cut the
+  same way.  Mirror replies are read and discarded.
+* **Limits.**  ``max_connections`` stops accepting while that many are open;
+  ``idle_timeout`` closes a connection with no bytes in either direction;
+  SIGINT/SIGTERM stop accepting, let open connections finish for
+  ``shutdown_timeout`` seconds, close the rest, and exit 0.
+* **Workers.**  ``workers > 1`` forks that many processes; on TCP each binds its own
+  ``SO_REUSEPORT`` listener (the kernel balances), on unix sockets they share one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from aiofused._log import configure_logging, get_logger
+
+__all__ = [
+    "Endpoint",
+    "ProxyConfig",
+    "ProxyServer",
+    "ProxyStats",
+    "add_parser",
+    "main",
+    "run_proxy",
+]
+
+log = get_logger("aiofused.proxy")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+#: Loop iterations a mirror send may take to report after the main send finished.
+_MIRROR_GRACE_ITERATIONS = 3
+
+
+# ---- configuration -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A TCP ``host:port`` or a unix socket ``path``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parse ``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH`` or an absolute ``PATH``."""
+        if text.startswith("unix:"):
+            return cls(path=text[5:])
+        if text.startswith("/"):
+            return cls(path=text)
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+        host = host.strip("[]") or "127.0.0.1"
+        return cls(host=host, port=int(port))
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        if self.path:
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def address(self) -> Any:
+        return self.path if self.path else (self.host, self.port)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything ``aiofused proxy`` takes on its command line."""
+
+    listen: Endpoint
+    upstream: Endpoint
+    mirrors: tuple[Endpoint, ...] = ()
+    workers: int = 1
+    max_connections: int = 1024
+    idle_timeout: float = 300.0
+    buffer_size: int = 256 * 1024
+    #: Buffers in the pool; 0 means ``4 * max_connections`` (two per direction).
+    pool_size: int = 0
+    connect_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+    #: How far (bytes) a mirror may lag behind the main path: its socket send buffer.
+    mirror_lag: int = 4 * 1024 * 1024
+    backend: str = "auto"
+    loop: str = "auto"
+    backlog: int = 1024
+
+    @property
+    def effective_pool_size(self) -> int:
+        return self.pool_size or 4 * self.max_connections
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings that cannot work."""
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.max_connections < 1:
+            raise ValueError("--max-connections must be at least 1")
+        if self.buffer_size < 1024:
+            raise ValueError("--buffer-size must be at least 1024")
+        if self.effective_pool_size < 2 * self.max_connections:
+            raise ValueError(
+                "--pool-size must be at least 2 x --max-connections "
+                "(every open direction holds one buffer)"
+            )
+        if self.idle_timeout <= 0:
+            raise ValueError("--idle-timeout must be positive")
+
+
+@dataclasses.dataclass(slots=True)
+class ProxyStats:
+    """Counters of one proxy process."""
+
+    connections_total: int = 0
+    connections_active: int = 0
+    upstream_failures: int = 0
+    resets: int = 0
+    idle_timeouts: int = 0
+    bytes_upstream: int = 0
+    bytes_downstream: int = 0
+    chunks: int = 0
+    mirror_bytes: int = 0
+    mirror_dropped_bytes: int = 0
+    mirror_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+# ---- sockets -------------------------------------------------------------------------
+
+
+def _abort_socket(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+async def _close_politely(sock: socket.socket, timeout: float = 1.0) -> None:
+    """FIN, then discard what the peer still sends (bounded), so that closing with unread
+    bytes does not turn into a reset."""
+    loop = asyncio.get_running_loop()
+    scratch = bytearray(16 * 1024)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(timeout):
+            for _ in range(64):
+                if not await loop.sock_recv_into(sock, scratch):
+                    break
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
+async def _connect(ep: Endpoint, timeout: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(ep.family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if not ep.is_unix:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, ep.address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def make_listener(ep: Endpoint, backlog: int = 1024, reuse_port: bool = False) -> socket.socket:
+    """Bind and listen on ``ep`` (non-blocking); unix paths left by a dead run are replaced."""
+    sock = socket.socket(ep.family, socket.SOCK_STREAM)
+    try:
+        if ep.is_unix:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(ep.path) and not os.path.isdir(ep.path):
+                    os.unlink(ep.path)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(ep.address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Discard(asyncio.BufferedProtocol):
+    """Reads and drops whatever a mirror sends back; tells the mirror when it is gone."""
+
+    _scratch = memoryview(bytearray(64 * 1024))
+
+    def __init__(self, mirror: _Mirror) -> None:
+        self._mirror = mirror
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._mirror.transport = None
+        if exc is not None:
+            self._mirror.fail("reset", exc)
+
+
+class _Mirror:
+    """One shadow upstream of one connection."""
+
+    __slots__ = ("busy", "conn", "endpoint", "failed", "sock", "task", "transport")
+
+    def __init__(self, conn: _Connection, endpoint: Endpoint) -> None:
+        self.conn = conn
+        self.endpoint = endpoint
+        self.sock: socket.socket | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.failed = False
+        self.busy = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def connect(self, timeout: float, lag: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = await _connect(self.endpoint, timeout)
+        with contextlib.suppress(OSError):
+            # The kernel doubles it and caps it at net.core.wmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, lag)
+        self.sock = sock.dup()
+        self.sock.setblocking(False)
+        self.transport, _ = await loop.connect_accepted_socket(lambda: _Discard(self), sock)
+
+    @property
+    def live(self) -> bool:
+        return not self.failed and self.sock is not None
+
+    def fail(self, reason: str, exc: BaseException | None = None) -> None:
+        """Cut this mirror: later bytes of the connection are dropped and counted."""
+        if self.failed:
+            return
+        self.failed = True
+        stats = self.conn.server.stats
+        stats.mirror_failures += 1
+        log.warning(
+            "mirror_cut",
+            conn=self.conn.id,
+            mirror=str(self.endpoint),
+            reason=reason,
+            error=repr(exc) if exc is not None else None,
+        )
+        if not self.busy:  # otherwise closed once its in-flight send has finished
+            self.close(abort=True)
+
+    def shutdown_write(self) -> None:
+        if self.live and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self, abort: bool = False) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.sock is not None:
+            if abort:
+                _abort_socket(self.sock)
+            else:
+                self.sock.close()
+            self.sock = None
+        tr = self.transport
+        self.transport = None
+        if tr is not None:
+            if abort:
+                tr.abort()  # type: ignore[attr-defined]
+            else:
+                tr.close()
+
+
+# ---- connections -----------------------------------------------------------------------
+
+
+class _Connection:
+    """One proxied client connection: two pumps, optional mirrors, an idle timer."""
+
+    __slots__ = (
+        "client",
+        "id",
+        "idle_handle",
+        "last_active",
+        "mirrors",
+        "peer",
+        "server",
+        "tasks",
+        "upstream",
+    )
+
+    def __init__(self, server: ProxyServer, conn_id: int, peer: Any) -> None:
+        self.server = server
+        self.id = conn_id
+        self.peer = peer
+        self.client: Any = None
+        self.upstream: Any = None
+        self.mirrors: list[_Mirror] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.last_active = 0.0
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+
+async def _send_all(lease: Any, sock: socket.socket, n: int) -> None:
+    sent = await lease.send(sock, 0, n)
+    while sent < n:
+        sent += await lease.send(sock, sent, n - sent)
+
+
+class ProxyServer:
+    """The proxy in one process.  ``async with ProxyServer(config) as proxy:`` serves.
+
+    ``address`` is where it listens (useful with port 0); ``stats`` counts; ``pool``
+    is the relay driver's buffer pool (full again once every connection is closed).
+    """
+
+    def __init__(self, config: ProxyConfig, *, sock: socket.socket | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.stats = ProxyStats()
+        self._listen_sock = sock
+        self._ring: Any = None
+        self._driver: Any = None
+        self._relay_file: Any = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._conns: dict[int, _Connection] = {}
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._next_id = 0
+        self._slots: asyncio.Semaphore | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def address(self) -> Any:
+        assert self._listen_sock is not None
+        return self._listen_sock.getsockname()
+
+    @property
+    def pool(self) -> Any:
+        return self._driver.pool
+
+    @property
+    def driver(self) -> Any:
+        return self._driver
+
+    @property
+    def backend(self) -> str:
+        return str(self._ring.backend)
+
+    async def start(self) -> None:
+        """Open the ring and the relay driver, bind (unless given a socket), accept."""
+        from aiofused_drivers.relay import RelayDriver
+
+        from aiofused import Ring, SetupFlag
+
+        cfg = self.config
+        self._ring = Ring(1024, flags=SetupFlag.FUSED_REQ, backend=cfg.backend)
+        await self._ring.__aenter__()
+        self._driver = RelayDriver(buffer_size=cfg.buffer_size, pool_size=cfg.effective_pool_size)
+        self._relay_file = self._ring.register_driver(self._driver)
+        if self._listen_sock is None:
+            self._listen_sock = make_listener(cfg.listen, cfg.backlog)
+        self._listen_sock.setblocking(False)
+        self._slots = asyncio.Semaphore(cfg.max_connections)
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="proxy-accept")
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose(timeout=0)
+
+    async def serve_forever(self) -> None:
+        """Wait until :meth:`aclose` (or a signal handler calling it) has finished."""
+        await self._closed.wait()
+
+    def stop_accepting(self) -> None:
+        """Close the listener; open connections carry on."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listen_sock is not None and self._listen_sock.fileno() >= 0:
+            ep = self.config.listen
+            self._listen_sock.close()
+            if ep.is_unix and self.config.workers == 1:
+                with contextlib.suppress(OSError):
+                    os.unlink(ep.path)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stop accepting, wait up to ``timeout`` (default ``shutdown_timeout``) for open
+        connections to finish, close the rest, close the ring."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        if timeout is None:
+            timeout = self.config.shutdown_timeout
+        self.stop_accepting()
+        if self._accept_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        pending = set(self._conn_tasks)
+        if pending and timeout > 0:
+            log.info("proxy_draining", connections=len(pending), timeout=timeout)
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        if pending:
+            log.info("proxy_closing_connections", connections=len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+        if self._ring is not None:
+            if self._relay_file is not None:
+                with contextlib.suppress(Exception):
+                    self._ring.unregister_driver(self._relay_file)
+            await self._ring.close()
+        if self._driver is not None:
+            pool = self._driver.pool
+            if pool.available == pool.size:
+                self._driver.close_pool()
+            else:
+                log.error("relay_buffers_leaked", count=pool.size - pool.available)
+        self._closed.set()
+
+    # ---- accepting ---------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listen_sock is not None and self._slots is not None
+        lsock = self._listen_sock
+        while True:
+            await self._slots.acquire()
+            try:
+                client, peer = await loop.sock_accept(lsock)
+            except BaseException:
+                self._slots.release()
+                raise
+            self._next_id += 1
+            conn = _Connection(self, self._next_id, peer)
+            task = asyncio.create_task(self._serve(conn, client), name=f"proxy-conn-{conn.id}")
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_done)
+
+    def _conn_done(self, task: asyncio.Task[None]) -> None:
+        self._conn_tasks.discard(task)
+        assert self._slots is not None
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection_crashed", error=repr(task.exception()))
+
+    # ---- one connection ----------------------------------------------------------------
+
+    async def _serve(self, conn: _Connection, client_sock: socket.socket) -> None:
+        cfg = self.config
+        stats = self.stats
+        stats.connections_total += 1
+        stats.connections_active += 1
+        loop = asyncio.get_running_loop()
+        self._conns[conn.id] = conn
+        outcome = "closed"
+        try:
+            client_sock.setblocking(False)
+            if client_sock.family != socket.AF_UNIX:
+                client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.mirrors = [_Mirror(conn, ep) for ep in cfg.mirrors]
+            for m in conn.mirrors:
+                m.task = asyncio.create_task(self._connect_mirror(m))
+            try:
+                upstream_sock = await _connect(cfg.upstream, cfg.connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                stats.upstream_failures += 1
+                log.warning(
+                    "upstream_connect_failed",
+                    conn=conn.id,
+                    peer=_peer(conn.peer),
+                    upstream=str(cfg.upstream),
+                    error=repr(exc),
+                )
+                await _close_politely(client_sock)
+                outcome = "upstream_failed"
+                return
+            try:
+                conn.client = await self._driver.attach(client_sock)
+            except BaseException:
+                upstream_sock.close()
+                raise
+            conn.upstream = await self._driver.attach(upstream_sock)
+            log.debug("connection_open", conn=conn.id, peer=_peer(conn.peer))
+            conn.last_active = loop.time()
+            conn.idle_handle = loop.call_later(cfg.idle_timeout, self._idle_check, conn)
+            up = asyncio.create_task(self._pump(conn, conn.client, conn.upstream, True))
+            down = asyncio.create_task(self._pump(conn, conn.upstream, conn.client, False))
+            conn.tasks = [up, down]
+            outcome = await self._wait_pumps(conn)
+        except asyncio.CancelledError:
+            outcome = "shutdown" if self._closing else "cancelled"
+            self._abort(conn)
+            raise
+        finally:
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+            for task in conn.tasks:
+                task.cancel()
+            if conn.tasks:
+                await asyncio.wait(conn.tasks)
+            graceful = outcome in ("closed", "idle_timeout")
+            for chan in (conn.client, conn.upstream):
+                if chan is not None:
+                    chan.close(abort=not graceful)
+            for m in conn.mirrors:
+                m.close(abort=not graceful)
+            if conn.mirrors:
+                await asyncio.wait([m.task for m in conn.mirrors if m.task is not None])
+            self._conns.pop(conn.id, None)
+            stats.connections_active -= 1
+            up_bytes = conn.client.bytes_received if conn.client is not None else 0
+            down_bytes = conn.upstream.bytes_received if conn.upstream is not None else 0
+            log.debug(
+                "connection_closed",
+                conn=conn.id,
+                outcome=outcome,
+                bytes_up=up_bytes,
+                bytes_down=down_bytes,
+            )
+
+    async def _connect_mirror(self, m: _Mirror) -> None:
+        try:
+            await m.connect(self.config.connect_timeout, self.config.mirror_lag)
+        except (OSError, TimeoutError) as exc:
+            m.fail("connect_failed", exc)
+
+    async def _wait_pumps(self, conn: _Connection) -> str:
+        """Wait for both pumps; the first failure aborts the connection."""
+        pending: set[asyncio.Task[None]] = set(conn.tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.cancelled():
+                    return "idle_timeout" if conn.idle_handle is None else "cancelled"
+                exc = task.exception()
+                if exc is not None:
+                    side = "client" if task is conn.tasks[0] else "upstream"
+                    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+                        self.stats.resets += 1
+                        log.info("connection_reset", conn=conn.id, side=side, error=repr(exc))
+                        return "reset"
+                    if isinstance(exc, OSError):
+                        self.stats.resets += 1
+                        log.warning("connection_error", conn=conn.id, side=side, error=repr(exc))
+                        return "error"
+                    raise exc
+        return "closed"
+
+    def _abort(self, conn: _Connection) -> None:
+        for task in conn.tasks:
+            task.cancel()
+
+    def _idle_check(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - conn.last_active
+        if idle < self.config.idle_timeout:
+            conn.idle_handle = loop.call_later(
+                self.config.idle_timeout - idle, self._idle_check, conn
+            )
+            return
+        conn.idle_handle = None
+        self.stats.idle_timeouts += 1
+        log.info("idle_timeout", conn=conn.id, peer=_peer(conn.peer), idle=round(idle, 3))
+        for task in conn.tasks:
+            task.cancel()
+
+    async def _pump(self, conn: _Connection, src: Any, dst: Any, upstream_dir: bool) -> None:
+        """Relay ``src`` to ``dst`` (and the mirrors, client→upstream) until end of stream."""
+        from aiofused_drivers.relay import RELAY_RECV
+
+        from aiofused import BufDir
+
+        loop = asyncio.get_running_loop()
+        stats = self.stats
+        fused = self._ring.fused
+        relay = self._relay_file
+        cmd = src.cmd
+        dst_sock = dst.sock
+        mirrors = conn.mirrors if upstream_dir else []
+        first = True
+        while True:
+            async with fused(relay, RELAY_RECV, cmd=cmd, buf_dir=BufDir.SRC) as lease:
+                buf = lease.buffer
+                n = len(buf) if buf is not None else 0
+                if n:
+                    if mirrors:
+                        if first:
+                            self._settle_mirrors(conn)
+                            first = False
+                        await self._send_mirrored(conn, lease, dst_sock, n)
+                    else:
+                        await _send_all(lease, dst_sock, n)
+            res = lease.result
+            if res <= 0:
+                break
+            conn.last_active = loop.time()
+            stats.chunks += 1
+            if upstream_dir:
+                stats.bytes_upstream += res
+            else:
+                stats.bytes_downstream += res
+        if res < 0:
+            raise OSError(-res, os.strerror(-res))
+        # End of stream: propagate the half-close.
+        with contextlib.suppress(OSError):
+            dst_sock.shutdown(socket.SHUT_WR)
+        for m in mirrors:
+            m.shutdown_write()
+
+    def _settle_mirrors(self, conn: _Connection) -> None:
+        """At the first byte, a mirror that is not connected yet is cut."""
+        for m in conn.mirrors:
+            if not m.failed and m.sock is None:
+                m.fail("not_connected_by_first_byte")
+
+    async def _send_mirrored(
+        self, conn: _Connection, lease: Any, dst: socket.socket, n: int
+    ) -> None:
+        stats = self.stats
+        side: list[tuple[_Mirror, asyncio.Task[int]]] = []
+        for m in conn.mirrors:
+            if m.live and m.sock is not None:
+                m.busy = True
+                side.append((m, asyncio.ensure_future(_mirror_send(lease, m.sock, n))))
+            else:
+                stats.mirror_dropped_bytes += n
+        try:
+            await _send_all(lease, dst, n)
+        finally:
+            if side:
+                await self._settle_mirror_sends(side, n)
+
+    async def _settle_mirror_sends(
+        self, side: list[tuple[_Mirror, asyncio.Task[int]]], n: int
+    ) -> None:
+        """Mirror sends never wait for socket space (MSG_DONTWAIT); give the completions
+        a few loop iterations to arrive, then a send still pending is cancelled."""
+        stats = self.stats
+        for _ in range(_MIRROR_GRACE_ITERATIONS):
+            if all(task.done() for _, task in side):
+                break
+            await asyncio.sleep(0)
+        for m, task in side:
+            if not task.done():
+                task.cancel()
+        await asyncio.wait([t for _, t in side])
+        for m, task in side:
+            m.busy = False
+            exc = None if task.cancelled() else task.exception()
+            sent = task.result() if not task.cancelled() and exc is None else 0
+            stats.mirror_bytes += sent
+            if sent < n:
+                stats.mirror_dropped_bytes += n - sent
+                if exc is not None:
+                    m.fail("send_failed", exc)
+                elif not m.failed:
+                    m.fail("lagging")
+            if m.failed:
+                m.close(abort=True)
+
+
+async def _mirror_send(lease: Any, sock: socket.socket, n: int) -> int:
+    """Send what the mirror's socket buffer takes now; fewer than ``n`` means it lags
+    by more than its buffer."""
+    try:
+        sent: int = await lease.send(sock, 0, n, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 0
+    while 0 < sent < n:
+        try:
+            more: int = await lease.send(sock, sent, n - sent, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        if not more:
+            break
+        sent += more
+    return sent
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "unix"
+
+
+# ---- process plumbing ----------------------------------------------------------------
+
+
+def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+async def _serve_until_signalled(config: ProxyConfig, sock: socket.socket | None) -> int:
+    loop = asyncio.get_running_loop()
+    server = ProxyServer(config, sock=sock)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "proxy_listening",
+        address=_format_address(server.address),
+        upstream=str(config.upstream),
+        mirrors=[str(m) for m in config.mirrors],
+        backend=server.backend,
+        loop=type(loop).__module__.split(".")[0],
+        pid=os.getpid(),
+    )
+    await stop.wait()
+    log.info("proxy_shutdown", pid=os.getpid(), connections=server.stats.connections_active)
+    await server.aclose()
+    log.info("proxy_stopped", pid=os.getpid(), **server.stats.as_dict())
+    return 0
+
+
+def _format_address(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"unix:{addr}"
+
+
+def _worker_main(config: ProxyConfig, sock: socket.socket | None, log_level: str, fmt: str) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    configure_logging(log_level, fmt)
+    if sock is None:
+        sock = make_listener(config.listen, config.backlog, reuse_port=True)
+    loop = _new_event_loop(config.loop)
+    try:
+        code = loop.run_until_complete(_serve_until_signalled(config, sock))
+    finally:
+        loop.close()
+    sys.exit(code)
+
+
+def run_proxy(config: ProxyConfig, *, log_level: str = "info", log_format: str = "console") -> int:
+    """Run the proxy in the foreground until SIGINT/SIGTERM; return the exit status."""
+    config.validate()
+    if config.workers == 1:
+        loop = _new_event_loop(config.loop)
+        try:
+            return loop.run_until_complete(_serve_until_signalled(config, None))
+        finally:
+            loop.close()
+    return _run_workers(config, log_level, log_format)
+
+
+def _run_workers(config: ProxyConfig, log_level: str, log_format: str) -> int:
+    ctx = multiprocessing.get_context("fork")
+    shared: socket.socket | None = None
+    reserve: socket.socket | None = None
+    if config.listen.is_unix:
+        shared = make_listener(config.listen, config.backlog)
+    else:
+        # Resolve port 0 once; the reserve socket is bound, never listening, so the
+        # kernel never routes a connection to it.
+        reserve = socket.socket(config.listen.family, socket.SOCK_STREAM)
+        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserve.bind(config.listen.address)
+        port = reserve.getsockname()[1]
+        config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(config, shared, log_level, log_format),
+            name=f"aiofused-proxy-{i}",
+        )
+        for i in range(config.workers)
+    ]
+    stopping = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        log.info(
+            "proxy_workers",
+            workers=config.workers,
+            address=str(config.listen),
+            pids=[p.pid for p in procs],
+        )
+        codes = []
+        for p in procs:
+            while p.exitcode is None:
+                p.join(0.2)
+                if p.exitcode is not None and p.exitcode != 0 and not stopping:
+                    log.error("proxy_worker_died", pid=p.pid, exitcode=p.exitcode)
+                    forward(signal.SIGTERM, None)
+            codes.append(p.exitcode)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if shared is not None:
+            shared.close()
+            with contextlib.suppress(OSError):
+                os.unlink(config.listen.path)
+        if reserve is not None:
+            reserve.close()
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+# ---- command line ----------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024 * 1024, "g": 1024 * 1024 * 1024}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``proxy`` subcommand on ``subparsers`` (``args.func(args)`` runs it)."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "proxy",
+        help="zero-copy mirroring TCP proxy (fused commands on the relay driver)",
+        description=(
+            "Relay every connection on --listen to --upstream, and copy the client's bytes "
+            "to each --mirror (traffic shadowing). Payload is received into pooled buffers "
+            "and sent from them by fused commands: no Python-level copy."
+        ),
+    )
+    p.add_argument("--listen", required=True, metavar="HOST:PORT|unix:PATH")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT|unix:PATH")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="HOST:PORT|unix:PATH",
+        help="shadow upstream (repeatable); never slows the main path",
+    )
+    p.add_argument("--workers", type=int, default=1, help="SO_REUSEPORT worker processes")
+    p.add_argument("--max-connections", type=int, default=1024, help="per worker")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument("--buffer-size", type=_size, default=256 * 1024, metavar="BYTES")
+    p.add_argument(
+        "--pool-size", type=int, default=0, help="buffers per worker (default 4 x max-connections)"
+    )
+    p.add_argument(
+        "--mirror-lag",
+        type=_size,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="how far a mirror may fall behind before it is cut (its socket buffer)",
+    )
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--backend", choices=("auto", "uring", "asyncio"), default="auto")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    # SUPPRESS: a --log-format/--log-level given to the main parser is not overwritten.
+    p.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS)
+    p.add_argument("--log-level", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cli_proxy)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    return ProxyConfig(
+        listen=Endpoint.parse(args.listen),
+        upstream=Endpoint.parse(args.upstream),
+        mirrors=tuple(Endpoint.parse(m) for m in args.mirror),
+        workers=args.workers,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
+        buffer_size=args.buffer_size,
+        pool_size=args.pool_size,
+        connect_timeout=args.connect_timeout,
+        mirror_lag=args.mirror_lag,
+        shutdown_timeout=args.shutdown_timeout,
+        backend=args.backend,
+        loop=args.loop,
+    )
+
+
+def _cli_proxy(args: argparse.Namespace) -> int:
+    fmt = getattr(args, "log_format", "console")
+    level = getattr(args, "log_level", "info")
+    configure_logging(level, fmt)
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as exc:
+        sys.stderr.write(f"aiofused proxy: error: {exc}\n")
+        return 2
+    try:
+        return run_proxy(config, log_level=level, log_format=fmt)
+    except OSError as exc:
+        log.error("proxy_failed", error=repr(exc), errno=errno.errorcode.get(exc.errno or 0))
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aiofused._proxy ...``: the ``proxy`` subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="aiofused")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["proxy", *(sys.argv[1:] if argv is None else argv)])
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

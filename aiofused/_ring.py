@@ -1,0 +1,895 @@
+"""The ring: SQ and CQ, init errors, and the link/drain/skip scheduler.
+
+Theory of operation
+-------------------
+``submit()`` reads SQEs in order, copies each into a :class:`Req` (the in-flight
+record, which *is* the :class:`~aiofused.backends.IoOp` a backend executes), runs the
+generic init checks and the op's ``prep`` (SPEC R3), and assembles link chains exactly
+as ``io_submit_sqe``/``io_submit_fail_init`` do (SPEC L1-L5): an init error inside a
+chain fails the whole chain once it ends; an init error that ends a chain, or a
+standalone one, stops consumption.  A FUSED_CMD consumes its secondaries right after
+itself (SPEC F3-F5); they live in the primary's :class:`~aiofused._fused.Primary`,
+never in a chain.
+
+A *unit* is one chain (or a standalone request).  Units are released in order
+through the drain queue (SPEC L5); ``_live`` counts the requests of released units
+that have not finally completed.  Issuing goes through a work list (``_ready``) so
+that requests completing at once (NOP, errors) never recurse.
+
+Every request ends in exactly one ``_complete`` (or ``_finish`` + ``_release`` for
+SEND_ZC, whose buffer is held until its NOTIF): the CQE is posted (or hidden by
+CQE_SKIP_SUCCESS, or by a failed SKIP request ahead in its chain, SPEC L4), the chain
+advances or is failed (SPEC L2), and the buffer view is released.  Nothing a request
+holds is dropped before that point, whatever happens to the Python task that
+submitted it (SPEC F13).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiofused._driver import Driver, DriverFile, load_driver
+from aiofused._errors import RingClosedError
+from aiofused._fused import Primary
+from aiofused._log import get_logger
+from aiofused._opdef import ASYNC_CANCEL_ALL, OPDEFS, OpDef, resolve_fd
+from aiofused._sqe import Cqe, Sqe
+from aiofused._views import view_release
+from aiofused._uapi import (
+    EALREADY,
+    EBADF,
+    ECANCELED,
+    EINVAL,
+    EIO,
+    ENOENT,
+    EOPNOTSUPP,
+    ETIME,
+    MAX_SECONDARY,
+    SQE_VALID_FLAGS,
+    BufDir,
+    CqeFlag,
+    Feature,
+    Op,
+    SetupFlag,
+    SqeFlag,
+)
+from aiofused.backends._base import Backend, IoOp, select_backend
+
+if TYPE_CHECKING:
+    from aiofused._lease import FusedScope
+
+__all__ = ["Req", "Ring"]
+
+log = get_logger("aiofused.ring")
+
+MAX_ENTRIES = 32768
+_LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
+_SECONDARY_FORBIDDEN = int(
+    SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN | SqeFlag.BUFFER_SELECT
+)
+
+# Request states.
+PENDING, INFLIGHT, FINISHED, RELEASED = range(4)
+
+_nop_opdef = OPDEFS[Op.NOP]
+
+
+def _ignore(res: int) -> None:
+    pass
+
+
+class Req(IoOp):
+    """One consumed SQE, from submit to its final completion."""
+
+    __slots__ = (
+        "cqe_flags",
+        "driver",
+        "flags",
+        "fused",
+        "issue_err",
+        "link",
+        "lt",
+        "lt_target",
+        "on_cqe",
+        "opdef",
+        "primary",
+        "res",
+        "ring",
+        "sec_index",
+        "sec_off",
+        "seconds",
+        "state",
+        "target",
+        "timer",
+        "user_data",
+        "handle",
+        "backend",
+        "err",
+    )
+
+    def __init__(self, ring: Ring, user_data: int, opcode: int, flags: int) -> None:
+        IoOp.__init__(self, Op.NOP, -1)
+        self.ring = ring
+        self.user_data = user_data
+        self.opcode = opcode  # type: ignore[assignment]
+        self.flags = flags
+        self.opdef: OpDef = _nop_opdef
+        self.err = 0  # init error
+        self.issue_err = 0  # error reported when issued (as the kernel's import does)
+        self.state = PENDING
+        self.res = 0
+        self.cqe_flags = 0
+        self.link: Req | None = None
+        self.lt: Req | None = None
+        self.lt_target: Req | None = None
+        self.driver: Driver | None = None
+        self.fused: Primary | None = None
+        self.primary: Primary | None = None
+        self.sec_index = -1
+        self.sec_off = 0
+        self.seconds = 0.0
+        self.target = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.on_cqe: Callable[[int, int], None] | None = None
+        self.handle: object = None
+        self.backend: Backend | None = None
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+    def __call__(self, res: int, flags: int) -> None:
+        """Backend completion entry point (``complete(res, flags)``)."""
+        self.ring._on_io(self, res, flags)
+
+    def __repr__(self) -> str:
+        try:
+            name = Op(self.opcode).name
+        except ValueError:
+            name = str(self.opcode)
+        return f"<Req {name} ud={self.user_data} state={self.state}>"
+
+    @property
+    def failed_res(self) -> bool:
+        """Whether ``res`` counts as a failure for links (SPEC L2)."""
+        res = self.res
+        if res < 0:
+            return True
+        if self.opdef.short_fails:
+            return res != self.nbytes
+        if self.opdef.backend and self.rw_flags & _MSG_WAITALL:
+            return res < self.nbytes
+        return False
+
+
+_MSG_WAITALL = 0x100
+
+
+class Ring:
+    """An io_uring-faithful ring on the running asyncio loop (SPEC §1-§4).
+
+    ``entries`` is rounded up to a power of two; ``flags`` are :class:`SetupFlag`
+    bits (``FUSED_REQ`` enables fused commands); ``backend`` is ``"auto"``,
+    ``"uring"`` or ``"asyncio"``.  Use it as ``async with Ring(...) as ring``.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        entries: int = 64,
+        flags: int = SetupFlag.NONE,
+        backend: str = "auto",
+        *,
+        cq_entries: int | None = None,
+    ) -> None:
+        if entries <= 0 or entries > MAX_ENTRIES:
+            raise ValueError(f"entries must be in 1..{MAX_ENTRIES}, got {entries}")
+        self.loop = asyncio.get_running_loop()
+        self.sq_entries = 1 << (entries - 1).bit_length()
+        cq = cq_entries if cq_entries is not None else 2 * self.sq_entries
+        if cq < self.sq_entries:
+            raise ValueError("cq_entries must be at least the SQ size")
+        self.cq_entries = 1 << (cq - 1).bit_length()
+        self.flags = SetupFlag(flags)
+        self.features = Feature.NODROP | Feature.SUBMIT_STABLE | Feature.CQE_SKIP
+        if self.flags & SetupFlag.FUSED_REQ:
+            self.features |= Feature.FUSED_REQ
+        self._backend = select_backend(backend, self.loop)
+        if self._backend.name == "asyncio":
+            self._fallback = self._backend
+        else:
+            from aiofused.backends._asyncio import AsyncioBackend
+
+            self._fallback = AsyncioBackend(self.loop)
+        self._backend_ops = self._backend.supported_ops
+        self.id = id(self)
+        self._sq: list[Sqe] = []
+        self._cq: collections.deque[Cqe] = collections.deque()
+        self.cq_overflow = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._files: list[Driver | None] = []
+        self._owned_drivers: list[Driver] = []
+        self._inflight: dict[Req, None] = {}
+        self._ready: collections.deque[Req] = collections.deque()
+        self._issuing = False
+        self._live = 0
+        self._deferred: collections.deque[tuple[list[Req], int, bool]] = collections.deque()
+        self._barrier = False
+        self._skip_seen = False
+        self._cqe_seq = 0
+        self._count_timeouts: list[tuple[int, int, Req]] = []
+        self._tseq = itertools.count()
+        self._idle: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._closing = False
+
+    # ---- public surface --------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """``"uring"`` or ``"asyncio"``: what plain I/O ops actually run on."""
+        return self._backend.name
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has finished."""
+        return self._closed
+
+    async def __aenter__(self) -> Ring:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def get_sqe(self) -> Sqe | None:
+        """Return a fresh SQE in the SQ, or None when the SQ is full."""
+        if self._closing:
+            raise RingClosedError("ring is closed")
+        if len(self._sq) >= self.sq_entries:
+            return None
+        sqe = Sqe()
+        self._sq.append(sqe)
+        return sqe
+
+    def sq_ready(self) -> int:
+        """Number of SQEs waiting for :meth:`submit`."""
+        return len(self._sq)
+
+    def submit(self) -> int:
+        """Consume the SQ in order; return how many SQEs were consumed (SPEC R2, R4)."""
+        if self._closing:
+            raise RingClosedError("ring is closed")
+        sq = self._sq
+        n = len(sq)
+        i = 0
+        chain: list[Req] | None = None
+        chain_failed = False
+        stop = False
+        while i < n and not stop:
+            req = self._init_req(sq[i])
+            i += 1
+            if req.opcode == Op.FUSED_CMD:
+                i = self._take_secondaries(req, sq, i, n)
+            linked = bool(req.flags & _LINK_FLAGS)
+            if chain is None:
+                if req.opcode == Op.LINK_TIMEOUT and not req.err:
+                    req.err = EINVAL  # a LINK_TIMEOUT must follow a linked request
+                if linked:
+                    chain, chain_failed = [req], bool(req.err)
+                    continue
+                if req.err:
+                    self._fail_unit([req])
+                    stop = True  # SPEC R4
+                else:
+                    self._start_unit([req])
+                continue
+            if req.opcode == Op.LINK_TIMEOUT and not req.err and chain[-1].opcode == Op.LINK_TIMEOUT:
+                req.err = EINVAL
+            chain.append(req)
+            chain_failed = chain_failed or bool(req.err)
+            if linked:
+                continue
+            if chain_failed:
+                self._fail_unit(chain)
+                stop = bool(req.err)  # kernel: stop only if the failing SQE ends the chain
+            else:
+                self._start_unit(chain)
+            chain = None
+        if chain is not None:  # SPEC L1: the last SQE ends the chain
+            if chain_failed:
+                self._fail_unit(chain)
+            else:
+                self._start_unit(chain)
+        del sq[:i]
+        return i
+
+    async def wait_cqe(self) -> Cqe:
+        """Wait for the first CQE and return it without consuming it."""
+        await self._wait_for(1)
+        return self._cq[0]
+
+    def peek_cqe(self) -> Cqe | None:
+        """Return the first CQE without consuming it, or None."""
+        return self._cq[0] if self._cq else None
+
+    def cqe_seen(self, cqe: Cqe) -> None:
+        """Consume ``cqe`` (normally the one :meth:`wait_cqe` returned)."""
+        if self._cq and self._cq[0] is cqe:
+            self._cq.popleft()
+            return
+        try:
+            self._cq.remove(cqe)
+        except ValueError:
+            raise ValueError("CQE is not in the completion queue") from None
+
+    async def wait_cqes(self, n: int) -> list[Cqe]:
+        """Wait until ``n`` CQEs are ready; consume and return them in order."""
+        if n <= 0:
+            raise ValueError("n must be positive")
+        await self._wait_for(n)
+        cq = self._cq
+        return [cq.popleft() for _ in range(n)]
+
+    def cq_ready(self) -> int:
+        """Number of CQEs waiting to be consumed."""
+        return len(self._cq)
+
+    async def submit_and_wait(self, n: int = 1) -> list[Cqe]:
+        """``submit()`` then ``wait_cqes(n)``."""
+        self.submit()
+        return await self.wait_cqes(n)
+
+    def register_driver(self, driver: Driver) -> DriverFile:
+        """Put ``driver`` in the fixed-file table; use the result as an SQE's ``fd``."""
+        if self._closing:
+            raise RingClosedError("ring is closed")
+        if not isinstance(driver, Driver):
+            raise TypeError(f"{driver!r} does not implement the Driver protocol")
+        self._files.append(driver)
+        return DriverFile(driver, len(self._files) - 1, self.id)
+
+    def unregister_driver(self, df: DriverFile) -> None:
+        """Empty ``df``'s slot: later SQEs naming it fail with -EBADF."""
+        if df.ring_id == self.id and 0 <= df.index < len(self._files):
+            self._files[df.index] = None
+
+    def open_driver(self, name: str, **options: Any) -> DriverFile:
+        """Load the plugin ``name`` (entry-point group ``aiofused.drivers``) and register it."""
+        driver = load_driver(name, **options)
+        self._owned_drivers.append(driver)
+        return self.register_driver(driver)
+
+    def fused(
+        self, driver_file: DriverFile, cmd_op: int, cmd: bytes = b"", buf_dir: BufDir = BufDir.DEST
+    ) -> FusedScope:
+        """High-level fused primary as an async context manager (SPEC §5)."""
+        from aiofused._lease import FusedScope
+
+        return FusedScope(self, driver_file, cmd_op, cmd, buf_dir)
+
+    def in_flight(self) -> int:
+        """Requests consumed and not yet finally completed."""
+        return self._live + sum(n for _, n, _ in self._deferred)
+
+    async def close(self) -> None:
+        """Cancel everything in flight, wait for every final completion, release all."""
+        if self._closed:
+            return
+        if not self._closing:
+            self._closing = True
+            self._sq.clear()
+            while self._deferred:
+                reqs, count, _ = self._deferred.popleft()
+                self._live += count
+                self._fail_chain_not_issued(reqs, ECANCELED)
+            for req in list(self._inflight):
+                if req.state == INFLIGHT and req.opcode not in (Op.ASYNC_CANCEL, Op.LINK_TIMEOUT):
+                    self._cancel_req(req, _ignore)
+        while self._live:
+            fut = self.loop.create_future()
+            self._idle.append(fut)
+            await fut
+        for drv in self._owned_drivers:
+            closer = getattr(drv, "close", None)
+            if closer is not None:
+                try:
+                    result = closer()
+                    if asyncio.iscoroutine(result):
+                        await result
+                except Exception:
+                    log.exception("driver_close_failed", driver=drv.name)
+        self._owned_drivers.clear()
+        self._files.clear()
+        if self._fallback is not self._backend:
+            await self._fallback.aclose()
+        await self._backend.aclose()
+        self._closed = True
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(RingClosedError("ring closed while waiting for CQEs"))
+        self._waiters.clear()
+
+    # ---- private requests (the high-level API) ----------------------------------
+
+    def _private_primary(
+        self,
+        driver_file: DriverFile,
+        cmd_op: int,
+        cmd: bytes,
+        buf_dir: BufDir,
+        fut: asyncio.Future[int],
+    ) -> Req:
+        """A FUSED_CMD primary whose CQE goes to ``fut``, open for more secondaries."""
+        if self._closing:
+            raise RingClosedError("ring is closed")
+        req = Req(self, 0, Op.FUSED_CMD, 0)
+        req.opdef = OPDEFS[Op.FUSED_CMD]
+        req.on_cqe = _future_setter(fut)
+        if not self.flags & SetupFlag.FUSED_REQ or len(cmd) > 80:
+            req.err = EINVAL
+        resolve_fd(self, req, driver_file, 0)
+        prim = Primary(self, req, cmd_op, cmd, True)
+        prim.sealed = False
+        prim.cmd.buf_dir = buf_dir
+        req.fused = prim
+        return req
+
+    def _start_private(self, req: Req) -> None:
+        if req.err:
+            self._fail_unit([req])
+        else:
+            self._start_unit([req])
+
+    def _private_secondary(
+        self,
+        op: Op,
+        fd: Any,
+        at: int,
+        nbytes: int,
+        offset: int,
+        flags: int,
+        fut: asyncio.Future[int],
+    ) -> Req:
+        """A secondary for an open primary; its CQE goes to ``fut``."""
+        s = Req(self, 0, op, 0)
+        s.opdef = OPDEFS[op]
+        s.on_cqe = _future_setter(fut)
+        err = resolve_fd(self, s, fd, 0)
+        if err or s.driver is not None:
+            s.issue_err = err or EINVAL
+        elif nbytes < 0 or at < 0:
+            s.issue_err = EINVAL
+        s.sec_off = at
+        s.nbytes = nbytes
+        s.offset = offset
+        s.rw_flags = flags
+        return s
+
+    # ---- init ------------------------------------------------------------------
+
+    def _generic_init(self, req: Req, sqe: Sqe) -> int:
+        opdef = OPDEFS.get(sqe.opcode)
+        if opdef is None:
+            return EINVAL
+        req.opdef = opdef
+        flags = sqe.flags
+        if flags & ~SQE_VALID_FLAGS:
+            return EINVAL
+        if flags & SqeFlag.CQE_SKIP_SUCCESS:
+            self._skip_seen = True
+        if flags & SqeFlag.IO_DRAIN and self._skip_seen:
+            return EOPNOTSUPP
+        if sqe.ioprio and not opdef.ioprio:
+            return EINVAL
+        if flags & SqeFlag.BUFFER_SELECT:
+            return opdef.buffer_select_err
+        return 0
+
+    def _init_req(self, sqe: Sqe) -> Req:
+        req = Req(self, int(sqe.user_data), int(sqe.opcode), int(sqe.flags))
+        err = self._generic_init(req, sqe)
+        if not err:
+            req.opcode = req.opdef.op
+            err = req.opdef.prep(self, req, sqe)
+        req.err = err
+        return req
+
+    def _prep_primary(self, req: Req, sqe: Sqe, fused: bool) -> int:
+        req.fused = Primary(self, req, int(sqe.cmd_op), bytes(sqe.cmd), fused)
+        return 0
+
+    def _take_secondaries(self, p: Req, sq: list[Sqe], i: int, n: int) -> int:
+        """Consume P's declared secondaries (SPEC F3-F5); return the new SQ index."""
+        want = int(getattr(sq[i - 1], "nr_secondary", 0))
+        if p.fused is None:  # P failed before its command could be built
+            p.fused = Primary(self, p, 0, b"", True)
+        prim = p.fused
+        take = min(max(want, 0), n - i)
+        err = 0 if 1 <= want <= MAX_SECONDARY and take == want else EINVAL
+        direction: BufDir | None = None
+        for k in range(take):
+            sqe = sq[i + k]
+            s = Req(self, int(sqe.user_data), int(sqe.opcode), int(sqe.flags))
+            s.primary = prim
+            s.sec_index = k
+            prim.secondaries.append(s)
+            if err or p.err:
+                continue
+            e = self._generic_init(s, sqe)
+            opdef = s.opdef
+            if e or not opdef.fused_secondary or s.flags & _SECONDARY_FORBIDDEN:
+                err = EINVAL
+                continue
+            s.opcode = opdef.op
+            if opdef.prep(self, s, sqe):
+                err = EINVAL
+                continue
+            if direction is None:
+                direction = opdef.buf_dir
+            elif direction != opdef.buf_dir:
+                err = EINVAL
+        if not p.err:
+            p.err = err
+        prim.cmd.buf_dir = direction
+        return i + take
+
+    def _fixed_driver(self, index: int) -> Driver | None:
+        if 0 <= index < len(self._files):
+            return self._files[index]
+        return None
+
+    # ---- units, drain ----------------------------------------------------------
+
+    @staticmethod
+    def _link_unit(reqs: list[Req]) -> int:
+        """Wire ``link``/``lt`` pointers; return the number of requests (with secondaries)."""
+        prev: Req | None = None
+        count = 0
+        for r in reqs:
+            count += 1
+            if r.fused is not None:
+                count += len(r.fused.secondaries)
+            if r.opcode == Op.LINK_TIMEOUT and prev is not None and r.lt_target is None:
+                prev.lt = r
+                r.lt_target = prev
+                continue
+            if prev is not None:
+                prev.link = r
+            prev = r
+        return count
+
+    def _start_unit(self, reqs: list[Req]) -> None:
+        count = self._link_unit(reqs)
+        drain = any(r.flags & SqeFlag.IO_DRAIN for r in reqs)
+        if self._deferred or self._barrier or (drain and self._live):
+            self._deferred.append((reqs, count, drain))
+            return
+        self._release_unit(reqs, count, drain)
+
+    def _release_unit(self, reqs: list[Req], count: int, drain: bool) -> None:
+        self._live += count
+        if drain:
+            self._barrier = True
+        self._issue(reqs[0])
+
+    def _release_deferred(self) -> None:
+        while self._deferred and not self._barrier:
+            reqs, count, drain = self._deferred[0]
+            if drain and self._live:
+                return
+            self._deferred.popleft()
+            self._release_unit(reqs, count, drain)
+
+    def _fail_unit(self, reqs: list[Req]) -> None:
+        """A chain (or standalone request) with an init error (SPEC L3, F-rules)."""
+        count = self._link_unit(reqs)
+        self._live += count
+        head = reqs[0]
+        self._fail_chain_not_issued(reqs, head.err or ECANCELED)
+
+    def _fail_chain_not_issued(self, reqs: list[Req], head_res: int) -> None:
+        # A submission failure severs even an IO_HARDLINK (io_queue_sqe_fallback).
+        head = reqs[0]
+        head.err = head.err or head_res
+        if head.fused is not None:
+            head.fused.fail_unissued(head.err)
+        else:
+            self._complete(head, head.err)
+
+    # ---- issue -----------------------------------------------------------------
+
+    def _issue(self, req: Req) -> None:
+        self._ready.append(req)
+        if not self._issuing:
+            self._run_ready()
+
+    def _run_ready(self) -> None:
+        self._issuing = True
+        ready = self._ready
+        try:
+            while ready:
+                req = ready.popleft()
+                if req.state != PENDING:
+                    continue
+                req.state = INFLIGHT
+                self._inflight[req] = None
+                if self._closing and req.primary is None:
+                    req.err = ECANCELED
+                    if req.fused is not None:
+                        req.fused.fail_unissued(ECANCELED)
+                    else:
+                        self._complete(req, ECANCELED)
+                    continue
+                lt = req.lt
+                if lt is not None:
+                    lt.state = INFLIGHT
+                    self._inflight[lt] = None
+                    lt.timer = self.loop.call_later(lt.seconds, self._link_timeout_fired, lt)
+                try:
+                    req.opdef.issue(self, req)
+                except Exception:
+                    log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
+                    if req.state == INFLIGHT:
+                        self._complete(req, EIO)
+        finally:
+            self._issuing = False
+
+    def _issue_io(self, req: Req) -> None:
+        if req.issue_err:
+            self._complete(req, req.issue_err)
+            return
+        if req.fd < 0:
+            self._complete(req, EBADF)
+            return
+        backend = self._backend if req.opcode in self._backend_ops else self._fallback
+        req.backend = backend
+        req.handle = backend.start(req, req)
+
+    def _on_io(self, req: Req, res: int, flags: int) -> None:
+        if req.state >= RELEASED:
+            log.error("late_completion", op=req.opcode, user_data=req.user_data)
+            return
+        if req.opcode == Op.SEND_ZC:
+            if flags & CqeFlag.NOTIF:
+                self._post(req, 0, CqeFlag.NOTIF)
+                self._release(req)
+            else:
+                self._finish(req, res, CqeFlag.MORE)
+            return
+        self._complete(req, res)
+
+    # ---- timeouts and cancellation -------------------------------------------------
+
+    def _arm_timeout(self, req: Req) -> None:
+        req.timer = self.loop.call_later(req.seconds, self._timeout_fired, req)
+        if req.offset:
+            target = self._cqe_seq + req.offset
+            heapq.heappush(self._count_timeouts, (target, next(self._tseq), req))
+
+    def _timeout_fired(self, req: Req) -> None:
+        req.timer = None
+        if req.state == INFLIGHT:
+            self._complete(req, ETIME)
+
+    def _link_timeout_fired(self, lt: Req) -> None:
+        lt.timer = None
+        target = lt.lt_target
+        if lt.state != INFLIGHT or target is None:
+            return
+        if target.state != INFLIGHT:
+            return
+
+        def cancelled(res: int) -> None:
+            if lt.state == INFLIGHT:
+                self._complete(lt, res or ETIME)
+
+        self._cancel_req(target, cancelled)
+
+    def _disarm_link_timeout(self, req: Req) -> None:
+        lt = req.lt
+        if lt is None or lt.state >= FINISHED:
+            return
+        if lt.timer is not None:
+            lt.timer.cancel()
+            lt.timer = None
+        self._complete(lt, ECANCELED)
+
+    def _async_cancel(self, req: Req) -> None:
+        targets = [
+            r
+            for r in self._inflight
+            if r.user_data == req.target
+            and r is not req
+            and r.state == INFLIGHT
+            and r.on_cqe is None
+            and r.opcode not in (Op.ASYNC_CANCEL, Op.LINK_TIMEOUT)
+        ]
+        if not targets:
+            self._complete(req, ENOENT)
+            return
+        if not req.rw_flags & ASYNC_CANCEL_ALL:
+            targets = targets[:1]
+        pending = len(targets)
+        results: list[int] = []
+
+        def one(res: int) -> None:
+            nonlocal pending
+            results.append(res)
+            pending -= 1
+            if pending == 0 and req.state == INFLIGHT:
+                if req.rw_flags & ASYNC_CANCEL_ALL:
+                    ok = sum(1 for r in results if r == 0)
+                    self._complete(req, ok if ok else results[0])
+                else:
+                    self._complete(req, results[0])
+
+        for t in targets:
+            self._cancel_req(t, one)
+
+    def _cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None:
+        """Request cancellation of an issued request; ``on_result`` gets 0/-EALREADY/-ENOENT."""
+        if req.state != INFLIGHT:
+            on_result(ENOENT)
+            return
+        if req.fused is not None:
+            req.fused.cancel(on_result)
+        elif req.opcode == Op.TIMEOUT:
+            if req.timer is not None:
+                req.timer.cancel()
+                req.timer = None
+            self._complete(req, ECANCELED)
+            on_result(0)
+        elif req.backend is not None and req.handle is not None:
+            req.backend.cancel(req.handle, on_result)  # type: ignore[arg-type]
+        else:
+            on_result(EALREADY)
+
+    # ---- completion ------------------------------------------------------------
+
+    def _post(self, req: Req, res: int, flags: int) -> None:
+        on_cqe = req.on_cqe
+        if on_cqe is not None:
+            on_cqe(res, flags)
+            return
+        cq = self._cq
+        cq.append(Cqe(req.user_data, res, flags))
+        if len(cq) > self.cq_entries:
+            self.cq_overflow += 1
+        if req.opcode != Op.TIMEOUT:
+            self._cqe_seq += 1
+            if self._count_timeouts:
+                self._flush_count_timeouts()
+        if self._waiters:
+            self._wake()
+
+    def _flush_count_timeouts(self) -> None:
+        heap = self._count_timeouts
+        while heap and heap[0][0] <= self._cqe_seq:
+            _, _, t = heapq.heappop(heap)
+            if t.state == INFLIGHT:
+                if t.timer is not None:
+                    t.timer.cancel()
+                    t.timer = None
+                self._complete(t, 0)
+
+    def _wake(self) -> None:
+        have = len(self._cq)
+        keep = []
+        for n, fut in self._waiters:
+            if fut.done():
+                continue
+            if have >= n:
+                fut.set_result(None)
+            else:
+                keep.append((n, fut))
+        self._waiters = keep
+
+    async def _wait_for(self, n: int) -> None:
+        while len(self._cq) < n:
+            if self._closed:
+                raise RingClosedError("ring is closed")
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self._waiters.append((n, fut))
+            await fut
+
+    def _complete(self, req: Req, res: int) -> None:
+        """Final completion: CQE, links, release."""
+        self._finish(req, res, 0)
+        self._release(req)
+
+    def _finish(self, req: Req, res: int, flags: int) -> None:
+        """Post the request's CQE and advance (or fail) its chain."""
+        if req.state >= FINISHED:
+            return
+        req.state = FINISHED
+        req.res = res
+        self._inflight.pop(req, None)
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        failed = req.failed_res
+        skip = bool(req.flags & SqeFlag.CQE_SKIP_SUCCESS)
+        if not (skip and not failed):
+            self._post(req, res, flags)
+        if req.lt is not None:
+            self._disarm_link_timeout(req)
+        nxt = req.link
+        if nxt is None:
+            return
+        req.link = None
+        if failed and not (req.flags & SqeFlag.IO_HARDLINK and not req.err):
+            self._fail_links(nxt, skip_cqes=skip)
+        else:
+            self._issue(nxt)
+
+    def _fail_links(self, first: Req | None, skip_cqes: bool) -> None:
+        """Complete the unstarted rest of a chain with -ECANCELED (SPEC L2, L4)."""
+        m = first
+        while m is not None:
+            nxt = m.link
+            m.link = None
+            if skip_cqes:
+                m.on_cqe = _drop_cqe
+            self._fail_one(m, m.err or ECANCELED, skip_cqes)
+            if m.lt is not None:
+                lt = m.lt
+                if skip_cqes:
+                    lt.on_cqe = _drop_cqe
+                self._fail_one(lt, lt.err or ECANCELED, skip_cqes)
+            m = nxt
+
+    def _fail_one(self, m: Req, res: int, skip_cqes: bool) -> None:
+        if m.state >= FINISHED:
+            return
+        if m.fused is not None:
+            m.fused.fail_unissued(res, drop_cqes=skip_cqes)
+            return
+        m.state = FINISHED
+        m.res = res
+        self._post(m, res, 0)
+        self._release(m)
+
+    def _release(self, req: Req) -> None:
+        """Drop what the request holds; it no longer counts as in flight."""
+        if req.state >= RELEASED:
+            return
+        req.state = RELEASED
+        self._inflight.pop(req, None)
+        buf = req.buf
+        if buf is not None:
+            req.buf = None
+            view_release(buf)
+        req.file = None
+        req.handle = None
+        req.backend = None
+        self._live -= 1
+        prim = req.primary
+        if prim is not None:
+            prim.secondary_released(req)
+        if self._live == 0:
+            self._barrier = False
+            if self._idle:
+                for fut in self._idle:
+                    if not fut.done():
+                        fut.set_result(None)
+                self._idle.clear()
+        if self._deferred and not self._barrier:
+            self._release_deferred()
+
+
+def _future_setter(fut: asyncio.Future[int]) -> Callable[[int, int], None]:
+    def on_cqe(res: int, flags: int) -> None:
+        if not fut.done():
+            fut.set_result(res)
+
+    return on_cqe
+
+
+def _drop_cqe(res: int, flags: int) -> None:
+    """``on_cqe`` of a request whose CQE is hidden (a failed SKIP request ahead, SPEC L4)."""
+

@@ -1,0 +1,145 @@
+"""Kernel ABI values, spelled as ``include/uapi/linux/io_uring.h`` spells them.
+
+Every enum carries the kernel's numbers so that an SQE built here means the same
+thing to a real ring.  ``Op.FUSED_CMD``, ``SetupFlag.FUSED_REQ``,
+``Feature.FUSED_REQ`` and ``UringCmdFlag.FUSED_BUF`` come from the unmerged V6
+series "io_uring/ublk: add generic IORING_OP_FUSED_CMD"; the opcode takes a number
+above the kernel's range so it can never collide with a real one.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from typing import Final
+
+__all__ = [
+    "EIOCBQUEUED",
+    "MAX_SECONDARY",
+    "BufDir",
+    "CqeFlag",
+    "Feature",
+    "Op",
+    "SetupFlag",
+    "SqeFlag",
+    "UringCmdFlag",
+]
+
+#: Returned by a driver's ``uring_cmd`` to say "queued, I will call ``cmd.done``".
+#: The kernel's value is ``-EIOCBQUEUED`` (529 is not exported to userspace errno).
+EIOCBQUEUED: Final = -529
+
+#: Upper bound of ``nr_secondary`` (SPEC F3).
+MAX_SECONDARY: Final = 64
+
+
+class Op(enum.IntEnum):
+    """``IORING_OP_*`` opcodes (kernel numbers)."""
+
+    NOP = 0
+    READV = 1
+    WRITEV = 2
+    FSYNC = 3
+    READ_FIXED = 4
+    WRITE_FIXED = 5
+    TIMEOUT = 11
+    ASYNC_CANCEL = 14
+    LINK_TIMEOUT = 15
+    READ = 22
+    WRITE = 23
+    SEND = 26
+    RECV = 27
+    URING_CMD = 46
+    SEND_ZC = 47
+    #: Never merged upstream; above the kernel's range, below 255 (which stays unknown).
+    FUSED_CMD = 128
+
+
+class SqeFlag(enum.IntFlag):
+    """``IOSQE_*`` flags."""
+
+    FIXED_FILE = 1 << 0
+    IO_DRAIN = 1 << 1
+    IO_LINK = 1 << 2
+    IO_HARDLINK = 1 << 3
+    ASYNC = 1 << 4
+    BUFFER_SELECT = 1 << 5
+    CQE_SKIP_SUCCESS = 1 << 6
+
+
+#: Every bit the ring understands; anything else in ``sqe.flags`` is -EINVAL (SPEC R3).
+SQE_VALID_FLAGS: Final = int(
+    SqeFlag.FIXED_FILE
+    | SqeFlag.IO_DRAIN
+    | SqeFlag.IO_LINK
+    | SqeFlag.IO_HARDLINK
+    | SqeFlag.ASYNC
+    | SqeFlag.BUFFER_SELECT
+    | SqeFlag.CQE_SKIP_SUCCESS
+)
+
+
+class SetupFlag(enum.IntFlag):
+    """``IORING_SETUP_*`` flags (only those aiofused gives a meaning)."""
+
+    NONE = 0
+    IOPOLL = 1 << 0
+    CQSIZE = 1 << 3
+    SUBMIT_ALL = 1 << 7
+    #: V6: the ring accepts fused commands.
+    FUSED_REQ = 1 << 14
+
+
+class Feature(enum.IntFlag):
+    """``IORING_FEAT_*`` bits reported by :attr:`Ring.features`."""
+
+    NODROP = 1 << 1
+    SUBMIT_STABLE = 1 << 2
+    CQE_SKIP = 1 << 11
+    FUSED_REQ = 1 << 14
+
+
+class CqeFlag(enum.IntFlag):
+    """``IORING_CQE_F_*`` flags."""
+
+    NONE = 0
+    BUFFER = 1 << 0
+    MORE = 1 << 1
+    SOCK_NONEMPTY = 1 << 2
+    NOTIF = 1 << 3
+
+
+class UringCmdFlag(enum.IntFlag):
+    """``sqe->uring_cmd_flags`` bits."""
+
+    NONE = 0
+    FIXED = 1 << 0
+    #: V6 ``IORING_FUSED_CMD_BUF``: the primary provides a buffer to its secondaries.
+    FUSED_BUF = 1 << 1
+
+
+class BufDir(enum.IntEnum):
+    """Direction of a lent buffer as the secondaries use it (V6 opdef ``buf_dir``)."""
+
+    #: Secondaries read from the buffer (WRITE, SEND, SEND_ZC).
+    SRC = 0
+    #: Secondaries write into the buffer (READ, RECV).
+    DEST = 1
+
+
+#: errno values used across the ring, as negative CQE results.
+ECANCELED: Final = -errno.ECANCELED
+EINVAL: Final = -errno.EINVAL
+EBADF: Final = -errno.EBADF
+EFAULT: Final = -errno.EFAULT
+EOPNOTSUPP: Final = -errno.EOPNOTSUPP
+ENOENT: Final = -errno.ENOENT
+EALREADY: Final = -errno.EALREADY
+ETIME: Final = -errno.ETIME
+EIO: Final = -errno.EIO
+EINTR: Final = -errno.EINTR
+EAGAIN: Final = -errno.EAGAIN
+EBUSY: Final = -errno.EBUSY
+EPERM: Final = -errno.EPERM
+ENOSPC: Final = -errno.ENOSPC
+EOF_: Final = 0

@@ -1,0 +1,309 @@
+"""The asyncio backend: leaf I/O on the running loop, no kernel ring needed.
+
+Theory of operation
+-------------------
+It does what io_uring does for each op, with the loop's primitives:
+
+* sockets (SEND, RECV, SEND_ZC) and non-blocking pipes/ttys: try the syscall at once
+  with ``MSG_DONTWAIT``; on EAGAIN park the op in a per-fd FIFO watched by one
+  ``add_reader``/``add_writer`` (io_uring's poll arming), and retry on readiness.
+  ``MSG_WAITALL`` is honoured by retrying until the whole length moved.
+* regular files, block devices and blocking descriptors: a small thread pool runs
+  ``preadv``/``pwritev``/``fsync`` (io_uring's io-wq), so the loop never blocks.
+
+Completions are delivered with ``loop.call_soon`` (or ``call_soon_threadsafe`` from
+the pool), never inside ``start``/``cancel``.  Cancel removes a parked op at once
+(-ECANCELED), cancels a pool job that has not started, and answers -EALREADY for one
+that is running: the ring keeps holding its buffer until it completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import ClassVar
+
+from aiofused._uapi import ECANCELED, EALREADY, ENOENT, CqeFlag, Op
+from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
+
+__all__ = ["BACKEND", "AsyncioBackend"]
+
+_MSG_WAITALL = socket.MSG_WAITALL
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+_SOCK_OPS = frozenset({Op.SEND, Op.RECV, Op.SEND_ZC})
+_FSYNC_DATASYNC = 1
+
+# Handle states.
+_NEW, _PARKED, _THREAD, _DONE = range(4)
+
+
+class _Op(BackendOp):
+    __slots__ = ("cfut", "complete", "done", "io", "owned", "sock", "state", "write")
+
+    def __init__(self, io: IoOp, complete: Completion) -> None:
+        self.io = io
+        self.complete = complete
+        self.state = _NEW
+        self.done = 0
+        self.sock: socket.socket | None = None
+        self.owned = False
+        self.write = False
+        self.cfut: concurrent.futures.Future[int] | None = None
+
+
+def _errno_res(exc: OSError) -> int:
+    return -(exc.errno or errno.EIO)
+
+
+class AsyncioBackend(Backend):
+    """Plain ops on the asyncio loop (uvloop or the default loop)."""
+
+    name: ClassVar[str] = "asyncio"
+    _OPS: ClassVar[frozenset[Op]] = frozenset(
+        {Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC, Op.FSYNC}
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._parked: dict[tuple[int, bool], collections.deque[_Op]] = {}
+        self._live = 0
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        """Always available."""
+        return ProbeResult(cls.name, True, "", cls._OPS)
+
+    @property
+    def supported_ops(self) -> frozenset[Op]:
+        """READ, WRITE, SEND, RECV, SEND_ZC and FSYNC."""
+        return self._OPS
+
+    def in_flight(self) -> int:
+        """Ops started and not yet completed."""
+        return self._live
+
+    # ---- start -----------------------------------------------------------------
+
+    def start(self, op: IoOp, complete: Completion) -> BackendOp:
+        """Begin ``op``; ``complete`` runs later on the loop."""
+        h = _Op(op, complete)
+        self._live += 1
+        code = op.opcode
+        if code in _SOCK_OPS:
+            sock = op.file if isinstance(op.file, socket.socket) else None
+            if sock is None:
+                try:
+                    sock = socket.socket(fileno=op.fd)
+                except OSError as exc:
+                    self._finish(h, _errno_res(exc))
+                    return h
+                h.owned = True
+            h.sock = sock
+            h.write = code != Op.RECV
+            self._attempt(h)
+            return h
+        if code == Op.FSYNC:
+            datasync = bool(op.rw_flags & _FSYNC_DATASYNC)
+            self._to_thread(h, _fsync, op.fd, datasync)
+            return h
+        h.write = code == Op.WRITE
+        try:
+            st = os.fstat(op.fd)
+            blocking = stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or os.get_blocking(
+                op.fd
+            )
+        except OSError as exc:
+            self._finish(h, _errno_res(exc))
+            return h
+        if blocking:
+            fn = _pwrite if h.write else _pread
+            self._to_thread(h, fn, op.fd, op.buf, op.offset, op.rw_flags)
+        else:
+            self._attempt(h)
+        return h
+
+    # ---- readiness path ----------------------------------------------------------
+
+    def _attempt(self, h: _Op) -> bool:
+        """Try the syscall; finish, or park on EAGAIN.  True if it finished."""
+        io = h.io
+        buf = io.buf
+        assert buf is not None
+        want = io.nbytes
+        view = buf if not h.done else buf[h.done :]
+        try:
+            sock = h.sock
+            if sock is not None:
+                flags = (io.rw_flags & ~_MSG_WAITALL) | _MSG_DONTWAIT
+                if h.write:
+                    n = sock.send(view, flags)
+                else:
+                    n = sock.recv_into(view, want - h.done, flags)
+            elif h.write:
+                n = os.write(io.fd, view)
+            else:
+                n = os.readv(io.fd, [view])
+        except (BlockingIOError, InterruptedError):
+            if h.state != _PARKED:
+                self._park(h)
+            return False
+        except OSError as exc:
+            self._finish(h, h.done if h.done else _errno_res(exc))
+            return True
+        finally:
+            if view is not buf:
+                view.release()
+        h.done += n
+        if n and h.done < want and io.rw_flags & _MSG_WAITALL and h.sock is not None:
+            if h.state != _PARKED:
+                self._park(h)
+            return False
+        self._finish(h, h.done)
+        return True
+
+    def _park(self, h: _Op) -> None:
+        key = (h.io.fd, h.write)
+        q = self._parked.get(key)
+        if q is None:
+            q = self._parked[key] = collections.deque()
+            if h.write:
+                self.loop.add_writer(key[0], self._on_ready, key)
+            else:
+                self.loop.add_reader(key[0], self._on_ready, key)
+        q.append(h)
+        h.state = _PARKED
+
+    def _unwatch(self, key: tuple[int, bool]) -> None:
+        del self._parked[key]
+        if key[1]:
+            self.loop.remove_writer(key[0])
+        else:
+            self.loop.remove_reader(key[0])
+
+    def _on_ready(self, key: tuple[int, bool]) -> None:
+        q = self._parked.get(key)
+        if not q:
+            return
+        for _ in range(len(q)):
+            h = q[0]
+            if not self._attempt(h):
+                break  # still EAGAIN: the others would see the same
+            q.popleft()
+        if not q:
+            self._unwatch(key)
+
+    # ---- thread path -------------------------------------------------------------
+
+    def _to_thread(self, h: _Op, fn: Callable[..., int], *args: object) -> None:
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=8, thread_name_prefix="aiofused-io"
+            )
+        h.state = _THREAD
+        fut = pool.submit(fn, *args)
+        h.cfut = fut
+        loop = self.loop
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._thread_done, h, f))
+
+    def _thread_done(self, h: _Op, fut: concurrent.futures.Future[int]) -> None:
+        if fut.cancelled():
+            res = ECANCELED
+        else:
+            exc = fut.exception()
+            if exc is None:
+                res = fut.result()
+            elif isinstance(exc, OSError):
+                res = _errno_res(exc)
+            else:
+                res = -errno.EIO
+        self._finish(h, res, defer=False)
+
+    # ---- completion and cancel -------------------------------------------------------
+
+    def _finish(self, h: _Op, res: int, defer: bool = True) -> None:
+        if h.state == _DONE:
+            return
+        h.state = _DONE
+        sock = h.sock
+        if sock is not None:
+            h.sock = None
+            if h.owned:
+                sock.detach()
+        if defer:
+            self.loop.call_soon(self._deliver, h, res)
+        else:
+            self._deliver(h, res)
+
+    def _deliver(self, h: _Op, res: int) -> None:
+        self._live -= 1
+        if h.io.opcode == Op.SEND_ZC:
+            h.complete(res, CqeFlag.MORE)
+            h.complete(0, CqeFlag.NOTIF)  # the data was copied: the buffer is free now
+        else:
+            h.complete(res, 0)
+
+    def cancel(self, handle: BackendOp, on_result: Callable[[int], None]) -> None:
+        """Cancel a parked op or a pool job that has not started."""
+        assert isinstance(handle, _Op)
+        h = handle
+        if h.state == _PARKED:
+            key = (h.io.fd, h.write)
+            q = self._parked.get(key)
+            if q is not None:
+                try:
+                    q.remove(h)
+                except ValueError:
+                    pass
+                if not q:
+                    self._unwatch(key)
+            self._finish(h, h.done if h.done else ECANCELED)
+            res = 0
+        elif h.state == _THREAD:
+            assert h.cfut is not None
+            res = 0 if h.cfut.cancel() else EALREADY
+        elif h.state == _DONE:
+            res = ENOENT
+        else:
+            res = EALREADY
+        self.loop.call_soon(on_result, res)
+
+    async def aclose(self) -> None:
+        """Stop the thread pool (every op has completed by now)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+
+def _pread(fd: int, buf: memoryview, offset: int, flags: int) -> int:
+    if offset < 0:
+        return os.readv(fd, [buf])
+    if flags:
+        return os.preadv(fd, [buf], offset, flags)
+    return os.preadv(fd, [buf], offset)
+
+
+def _pwrite(fd: int, buf: memoryview, offset: int, flags: int) -> int:
+    if offset < 0:
+        return os.writev(fd, [buf])
+    if flags:
+        return os.pwritev(fd, [buf], offset, flags)
+    return os.pwritev(fd, [buf], offset)
+
+
+def _fsync(fd: int, datasync: bool) -> int:
+    if datasync:
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+    return 0
+
+
+BACKEND = AsyncioBackend

@@ -1,0 +1,188 @@
+"""The backend interface: what the ring asks of whatever executes plain I/O.
+
+Theory of operation
+-------------------
+The ring (``_ring.py``) owns every rule of the SPEC: links, skip, drain, fused
+commands, timeouts, cancellation bookkeeping.  A backend only *executes leaf I/O
+ops* (READ, WRITE, SEND, RECV, SEND_ZC, FSYNC and the ``_FIXED`` forms) and reports
+their completions.  Contract, for every backend:
+
+* ``start(op, complete)`` begins ``op`` and returns a handle.  ``complete(res, flags)``
+  is called later from the event loop, **never synchronously inside** ``start`` or
+  ``cancel``.  It is called exactly once per op, except for SEND_ZC, which calls it
+  exactly twice: ``(res, CqeFlag.MORE)`` then ``(0, CqeFlag.NOTIF)`` once the buffer
+  is no longer used (the backend synthesises the NOTIF if the kernel does not).
+* The buffer in ``op.buf`` may be touched until the *final* ``complete`` call; the
+  ring holds it (and the fd object) until then, whatever Python-level cancellation
+  happened (SPEC F13).
+* ``cancel(handle, on_result)`` requests cancellation; ``on_result(res)`` reports,
+  later, 0 (cancel accepted: the op will complete, usually with -ECANCELED),
+  -EALREADY (already running, it will complete normally) or -ENOENT (already done).
+* ``aclose()`` runs after the ring has cancelled and drained every op.
+
+Backends are found by name (``BACKENDS``), imported lazily, and probed by trying,
+never by kernel version.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import importlib
+import os
+from collections.abc import Callable
+from typing import ClassVar
+
+from aiofused._errors import BackendUnavailable
+from aiofused._log import get_logger
+from aiofused._uapi import Op
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendOp",
+    "Completion",
+    "IoOp",
+    "ProbeResult",
+    "available_backends",
+    "get_backend_class",
+    "select_backend",
+]
+
+log = get_logger("aiofused.backend")
+
+BACKENDS: tuple[str, ...] = ("uring", "asyncio")
+_MODULES = {"uring": "aiofused.backends._uring", "asyncio": "aiofused.backends._asyncio"}
+
+#: ``complete(res, cqe_flags)``
+Completion = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(slots=True)
+class IoOp:
+    """One leaf I/O op as the ring hands it to a backend (fields already validated)."""
+
+    opcode: Op
+    #: OS file descriptor (already resolved from a fixed-file slot or ``fileno()``).
+    fd: int
+    #: The buffer the op reads from or writes into (None for FSYNC).  For fused
+    #: secondaries this is a slice of the lent buffer.
+    buf: memoryview | None = None
+    #: Byte count to transfer (``len(buf)`` unless the SQE said less).
+    nbytes: int = 0
+    #: File offset for READ/WRITE; -1 means "current position" as in the kernel.
+    offset: int = 0
+    #: ``msg_flags`` for SEND/RECV, ``RWF_*`` for READ/WRITE, fsync flags for FSYNC.
+    rw_flags: int = 0
+    #: Index in the backend's registered buffers, or -1.
+    buf_index: int = -1
+    #: The object the fd came from (a socket, a file), kept alive with the op.
+    file: object = None
+
+
+class BackendOp:
+    """Opaque handle of a started op; backends subclass it."""
+
+    __slots__ = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What probing a backend found."""
+
+    name: str
+    available: bool
+    reason: str = ""
+    ops: frozenset[Op] = frozenset()
+
+
+class Backend(abc.ABC):
+    """Executes leaf I/O ops for one ring on one event loop."""
+
+    name: ClassVar[str]
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> ProbeResult:
+        """Say whether this backend can run here, and which opcodes it executes."""
+
+    @property
+    @abc.abstractmethod
+    def supported_ops(self) -> frozenset[Op]:
+        """Opcodes :meth:`start` accepts; the ring sends others to the asyncio backend."""
+
+    @abc.abstractmethod
+    def start(self, op: IoOp, complete: Completion) -> BackendOp:
+        """Begin ``op``; see the module docstring for the completion contract."""
+
+    @abc.abstractmethod
+    def cancel(self, handle: BackendOp, on_result: Callable[[int], None]) -> None:
+        """Request cancellation of ``handle``; ``on_result`` gets 0, -EALREADY or -ENOENT."""
+
+    def register_buffers(self, buffers: list[memoryview]) -> bool:
+        """Register fixed buffers (the pool); return False if unsupported."""
+        return False
+
+    def in_flight(self) -> int:
+        """Number of ops started and not yet finally completed."""
+        return 0
+
+    async def aclose(self) -> None:
+        """Release backend resources once every op has completed."""
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    """Import and return the backend class called ``name``."""
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except KeyError:
+        raise LookupError(
+            f"unknown backend {name!r}; valid: {', '.join((*BACKENDS, 'auto'))}"
+        ) from None
+    cls: type[Backend] = module.BACKEND
+    return cls
+
+
+def available_backends() -> list[ProbeResult]:
+    """Probe every backend and return what each found."""
+    results = []
+    for name in BACKENDS:
+        try:
+            results.append(get_backend_class(name).probe())
+        except ImportError as exc:
+            results.append(ProbeResult(name, False, f"not importable: {exc}"))
+    return results
+
+
+_fallback_logged: set[str] = set()
+
+
+def select_backend(name: str, loop: asyncio.AbstractEventLoop) -> Backend:
+    """Instantiate the backend for ``name`` (``"auto"``, ``"uring"`` or ``"asyncio"``).
+
+    ``AIOFUSED_BACKEND`` overrides ``"auto"``.  ``"uring"`` raises
+    :class:`BackendUnavailable` with the probe's reason; ``"auto"`` logs the
+    reason once and falls back to asyncio.
+    """
+    if name == "auto":
+        name = os.environ.get("AIOFUSED_BACKEND", "auto") or "auto"
+    if name == "auto":
+        try:
+            probe = get_backend_class("uring").probe()
+        except ImportError as exc:
+            probe = ProbeResult("uring", False, f"not importable: {exc}")
+        if probe.available:
+            return get_backend_class("uring")(loop)
+        if probe.reason not in _fallback_logged:
+            _fallback_logged.add(probe.reason)
+            log.info("backend_fallback", wanted="uring", using="asyncio", reason=probe.reason)
+        return get_backend_class("asyncio")(loop)
+    cls = get_backend_class(name)
+    probe = cls.probe()
+    if not probe.available:
+        raise BackendUnavailable(name, probe.reason)
+    return cls(loop)

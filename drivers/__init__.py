@@ -1,0 +1,1 @@
+"""In-tree aiofused driver plugins (installed as ``aiofused_drivers``)."""
