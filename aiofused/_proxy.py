@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import io
 import multiprocessing
 import os
 import signal
@@ -68,6 +69,7 @@ __all__ = [
 log = get_logger("aiofused.proxy")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_MSG_WAITALL = socket.MSG_WAITALL
 #: Loop iterations a mirror send may take to report after the main send finished.
 _MIRROR_GRACE_ITERATIONS = 3
 
@@ -362,9 +364,10 @@ class _Connection:
 
 
 async def _send_all(lease: Any, sock: socket.socket, n: int) -> None:
-    sent = await lease.send(sock, 0, n)
+    # MSG_WAITALL: the backend (or the kernel) retries a short send itself.
+    sent = await lease.send(sock, 0, n, _MSG_WAITALL)
     while sent < n:
-        sent += await lease.send(sock, sent, n - sent)
+        sent += await lease.send(sock, sent, n - sent, _MSG_WAITALL)
 
 
 class ProxyServer:
@@ -706,7 +709,7 @@ class ProxyServer:
             if all(task.done() for _, task in side):
                 break
             await asyncio.sleep(0)
-        for m, task in side:
+        for _m, task in side:
             if not task.done():
                 task.cancel()
         await asyncio.wait([t for _, t in side])
@@ -798,6 +801,9 @@ def _format_address(addr: Any) -> str:
 def _worker_main(config: ProxyConfig, sock: socket.socket | None, log_level: str, fmt: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    # Workers share the parent's stderr: buffer each log line so that it reaches the
+    # pipe in one write and lines of different workers never interleave.
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
     configure_logging(log_level, fmt)
     if sock is None:
         sock = make_listener(config.listen, config.backlog, reuse_port=True)

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import heapq
 import itertools
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,7 @@ class Req(IoOp):
         "handle",
         "backend",
         "err",
+        "fired",
     )
 
     def __init__(self, ring: Ring, user_data: int, opcode: int, flags: int) -> None:
@@ -138,6 +140,7 @@ class Req(IoOp):
         self.on_cqe: Callable[[int, int], None] | None = None
         self.handle: object = None
         self.backend: Backend | None = None
+        self.fired = False
 
     __hash__ = object.__hash__
     __eq__ = object.__eq__
@@ -177,7 +180,8 @@ class Ring:
     ``"uring"`` or ``"asyncio"``.  Use it as ``async with Ring(...) as ring``.
     """
 
-    _ids = itertools.count(1)
+    #: Every ring alive, for leak checks.
+    _instances: weakref.WeakSet[Ring] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -227,6 +231,7 @@ class Ring:
         self._idle: list[asyncio.Future[None]] = []
         self._closed = False
         self._closing = False
+        Ring._instances.add(self)
 
     # ---- public surface --------------------------------------------------------
 
@@ -683,6 +688,7 @@ class Ring:
             return
         if target.state != INFLIGHT:
             return
+        lt.fired = True  # the cancel's answer completes it, not the target's completion
 
         def cancelled(res: int) -> None:
             if lt.state == INFLIGHT:
@@ -692,7 +698,7 @@ class Ring:
 
     def _disarm_link_timeout(self, req: Req) -> None:
         lt = req.lt
-        if lt is None or lt.state >= FINISHED:
+        if lt is None or lt.state >= FINISHED or lt.fired:
             return
         if lt.timer is not None:
             lt.timer.cancel()
