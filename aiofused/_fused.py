@@ -289,6 +289,7 @@ class Primary:
     def cancel_secondaries(self) -> None:
         """Cancel every secondary still in flight (scope exit with an exception)."""
         if self.state in (State.LENT, State.CLOSING):
+            self.cmd.cancelled = True
             self._cancel_inflight()
 
     # ---- internals -----------------------------------------------------------------
