@@ -110,7 +110,7 @@ class UringCmd:
         self.user_data = 0
 
     def provide_buf_and_start(self, buf: Any, callback: Callable[[UringCmd], None]) -> None:
-        """Lend ``buf`` to the secondaries and issue them all at once (SPEC F8–F9).
+        """Lend ``buf`` to the secondaries and issue them all at once (SPEC F8-F9).
 
         ``callback(cmd)`` runs as task work (``loop.call_soon``) once every secondary
         has completed; it should call :meth:`done`.  The driver may reuse ``buf``

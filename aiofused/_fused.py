@@ -6,7 +6,8 @@ A primary moves through the states of ``TRANSITIONS`` and nothing else (a missin
 edge raises :class:`~aiofused.DriverError`)::
 
     PREPARED --issue--> ISSUED --lend--> LENT --returned--> RETURNING --done--> DONE
-        |                 |  \\--done / force_cancel--> DONE     \\--done--> CLOSING --returned--> DONE
+        |                 |  \\--done / force_cancel--> DONE
+        |                 |                     LENT --done--> CLOSING --returned--> DONE
         \\--fail--> DONE
 
 * PREPARED: consumed, secondaries attached, not yet handed to the driver.
@@ -67,6 +68,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.RETURNING, "done"): State.DONE,
     (State.CLOSING, "returned"): State.DONE,
 }
+
 
 class Primary:
     """The coordinator of one URING_CMD / FUSED_CMD request."""
@@ -142,7 +144,9 @@ class Primary:
         cmd.user_data = req.user_data
         flags = 0
         if self.is_fused:
-            flags = IssueFlag.FUSED_BUF_DEST if cmd.buf_dir is BufDir.DEST else IssueFlag.FUSED_BUF_SRC
+            flags = (
+                IssueFlag.FUSED_BUF_DEST if cmd.buf_dir is BufDir.DEST else IssueFlag.FUSED_BUF_SRC
+            )
         try:
             ret: Any = driver.uring_cmd(cmd, int(flags))
         except Exception:

@@ -110,13 +110,16 @@ class FusedScope:
         assert prim is not None
         self.primary = prim
 
-        def on_lent() -> None:
-            self.lent = True
+        def wake() -> None:
             if not ready.done():
                 ready.set_result(None)
 
+        def on_lent() -> None:
+            self.lent = True
+            wake()
+
         prim.on_lent = on_lent
-        p_fut.add_done_callback(lambda _: ready.done() or ready.set_result(None))
+        p_fut.add_done_callback(lambda _: wake())
         ring._start_private(p)
         try:
             await ready
@@ -170,4 +173,3 @@ class FusedScope:
             ring._cancel_req(s, lambda res: None)
             raise
         return check_res(res)
-

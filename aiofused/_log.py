@@ -17,7 +17,7 @@ def get_logger(name: str) -> Any:
 
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
-    """Configure structlog for the CLI: ``fmt`` is ``"console"`` or ``"json"``; logs go to stderr."""
+    """Configure structlog for the CLI: ``fmt`` is ``"console"`` or ``"json"``, to stderr."""
     lvl = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: Any = (
         structlog.processors.JSONRenderer()

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiofused._driver import Driver, DriverFile
-from aiofused._views import view_made
 from aiofused._uapi import (
     EBADF,
     EFAULT,
@@ -26,6 +25,7 @@ from aiofused._uapi import (
     SqeFlag,
     UringCmdFlag,
 )
+from aiofused._views import view_made
 
 if TYPE_CHECKING:
     from aiofused._ring import Req, Ring
@@ -286,24 +286,56 @@ def check_driver_fd(req: Req, fused: bool) -> tuple[Driver | None, int]:
 OPDEFS: dict[int, OpDef] = {
     Op.NOP: OpDef(Op.NOP, _prep_nop, _issue_nop),
     Op.READ: OpDef(
-        Op.READ, _prep_rw, _issue_io, needs_file=True, fused_secondary=True,
-        buf_dir=BufDir.DEST, ioprio=True, short_fails=True, backend=True,
+        Op.READ,
+        _prep_rw,
+        _issue_io,
+        needs_file=True,
+        fused_secondary=True,
+        buf_dir=BufDir.DEST,
+        ioprio=True,
+        short_fails=True,
+        backend=True,
     ),
     Op.WRITE: OpDef(
-        Op.WRITE, _prep_rw, _issue_io, needs_file=True, fused_secondary=True,
-        buf_dir=BufDir.SRC, ioprio=True, short_fails=True, backend=True,
+        Op.WRITE,
+        _prep_rw,
+        _issue_io,
+        needs_file=True,
+        fused_secondary=True,
+        buf_dir=BufDir.SRC,
+        ioprio=True,
+        short_fails=True,
+        backend=True,
     ),
     Op.SEND: OpDef(
-        Op.SEND, _prep_rw, _issue_io, needs_file=True, fused_secondary=True,
-        buf_dir=BufDir.SRC, ioprio=True, backend=True,
+        Op.SEND,
+        _prep_rw,
+        _issue_io,
+        needs_file=True,
+        fused_secondary=True,
+        buf_dir=BufDir.SRC,
+        ioprio=True,
+        backend=True,
     ),
     Op.RECV: OpDef(
-        Op.RECV, _prep_rw, _issue_io, needs_file=True, fused_secondary=True,
-        buf_dir=BufDir.DEST, ioprio=True, backend=True,
+        Op.RECV,
+        _prep_rw,
+        _issue_io,
+        needs_file=True,
+        fused_secondary=True,
+        buf_dir=BufDir.DEST,
+        ioprio=True,
+        backend=True,
     ),
     Op.SEND_ZC: OpDef(
-        Op.SEND_ZC, _prep_send_zc, _issue_io, needs_file=True, fused_secondary=True,
-        buf_dir=BufDir.SRC, ioprio=True, backend=True,
+        Op.SEND_ZC,
+        _prep_send_zc,
+        _issue_io,
+        needs_file=True,
+        fused_secondary=True,
+        buf_dir=BufDir.SRC,
+        ioprio=True,
+        backend=True,
     ),
     Op.FSYNC: OpDef(Op.FSYNC, _prep_fsync, _issue_io, needs_file=True, backend=True),
     Op.TIMEOUT: OpDef(Op.TIMEOUT, _prep_timeout, _issue_timeout),
@@ -326,8 +358,20 @@ def _check_table() -> None:
             assert d.buf_dir is not None, f"{op!r} is a fused secondary without a buf_dir"
         if d.backend:
             assert d.needs_file, f"{op!r} runs on a backend but needs no file"
-    implemented = {Op.NOP, Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC, Op.FSYNC,
-                   Op.TIMEOUT, Op.LINK_TIMEOUT, Op.ASYNC_CANCEL, Op.URING_CMD, Op.FUSED_CMD}
+    implemented = {
+        Op.NOP,
+        Op.READ,
+        Op.WRITE,
+        Op.SEND,
+        Op.RECV,
+        Op.SEND_ZC,
+        Op.FSYNC,
+        Op.TIMEOUT,
+        Op.LINK_TIMEOUT,
+        Op.ASYNC_CANCEL,
+        Op.URING_CMD,
+        Op.FUSED_CMD,
+    }
     assert implemented == set(OPDEFS), "every implemented opcode needs exactly one OpDef"
 
 

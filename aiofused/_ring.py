@@ -40,7 +40,6 @@ from aiofused._fused import Primary
 from aiofused._log import get_logger
 from aiofused._opdef import ASYNC_CANCEL_ALL, OPDEFS, OpDef, resolve_fd
 from aiofused._sqe import Cqe, Sqe
-from aiofused._views import view_release
 from aiofused._uapi import (
     EALREADY,
     EBADF,
@@ -59,6 +58,7 @@ from aiofused._uapi import (
     SetupFlag,
     SqeFlag,
 )
+from aiofused._views import view_release
 from aiofused.backends._base import Backend, IoOp, select_backend
 
 if TYPE_CHECKING:
@@ -88,10 +88,14 @@ class Req(IoOp):
     """One consumed SQE, from submit to its final completion."""
 
     __slots__ = (
+        "backend",
         "cqe_flags",
         "driver",
+        "err",
+        "fired",
         "flags",
         "fused",
+        "handle",
         "issue_err",
         "link",
         "lt",
@@ -108,10 +112,6 @@ class Req(IoOp):
         "target",
         "timer",
         "user_data",
-        "handle",
-        "backend",
-        "err",
-        "fired",
     )
 
     def __init__(self, ring: Ring, user_data: int, opcode: int, flags: int) -> None:
@@ -293,7 +293,11 @@ class Ring:
                 else:
                     self._start_unit([req])
                 continue
-            if req.opcode == Op.LINK_TIMEOUT and not req.err and chain[-1].opcode == Op.LINK_TIMEOUT:
+            if (
+                req.opcode == Op.LINK_TIMEOUT
+                and not req.err
+                and chain[-1].opcode == Op.LINK_TIMEOUT
+            ):
                 req.err = EINVAL
             chain.append(req)
             chain_failed = chain_failed or bool(req.err)
@@ -898,4 +902,3 @@ def _future_setter(fut: asyncio.Future[int]) -> Callable[[int, int], None]:
 
 def _drop_cqe(res: int, flags: int) -> None:
     """``on_cqe`` of a request whose CQE is hidden (a failed SKIP request ahead, SPEC L4)."""
-

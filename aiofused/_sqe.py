@@ -134,13 +134,10 @@ class Sqe:
         self.cmd_op = cmd_op
         self.cmd = bytes(cmd)
 
-    def prep_fused_cmd(
-        self, fd: Any, cmd_op: int, nr_secondary: int = 1, cmd: bytes = b""
-    ) -> None:
+    def prep_fused_cmd(self, fd: Any, cmd_op: int, nr_secondary: int = 1, cmd: bytes = b"") -> None:
         """FUSED_CMD primary; the next ``nr_secondary`` SQEs are its secondaries."""
         self._prep(Op.FUSED_CMD, fd, 0, 0, 0)
         self.cmd_op = cmd_op
         self.cmd = bytes(cmd)
         self.nr_secondary = nr_secondary
         self.uring_cmd_flags = int(UringCmdFlag.FUSED_BUF)
-

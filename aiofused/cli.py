@@ -99,8 +99,10 @@ async def _demo_fanout(ns: Sequence[int], backend: str, rounds: int, quick: bool
         )
         results.append(res)
     out.write(_bar("fan-out done", total, total) + "\n\n")
-    print(f"  {'N':>3} {'fused ms':>9} {'chain ms':>9} {'gather ms':>10} {'chain/fused':>12}"
-          f" {'fused/gather':>13}")
+    print(
+        f"  {'N':>3} {'fused ms':>9} {'chain ms':>9} {'gather ms':>10} {'chain/fused':>12}"
+        f" {'fused/gather':>13}"
+    )
     for r in results:
         print(
             f"  {r.n:>3} {r.fused * 1e3:>9.1f} {r.chain * 1e3:>9.1f} {r.gather * 1e3:>10.1f}"

@@ -35,7 +35,9 @@ def add(ring: Ring, ud: int, prep: str, *args: Any, flags: int = 0, **kw: Any) -
     return sqe
 
 
-async def reap(ring: Ring, n: int, settle: float = 0.02, timeout: float = 5.0) -> list[tuple[int, int]]:
+async def reap(
+    ring: Ring, n: int, settle: float = 0.02, timeout: float = 5.0
+) -> list[tuple[int, int]]:
     """Wait for exactly ``n`` CQEs; fail if more arrive within ``settle`` seconds."""
     cqes = await asyncio.wait_for(ring.wait_cqes(n), timeout)
     await asyncio.sleep(settle)

@@ -26,8 +26,22 @@ from aiofused._fused import TRANSITIONS, State
 from aiofused._opdef import OPDEFS
 from aiofused.backends import BACKENDS, get_backend_class, select_backend
 
-SPEC_NAMES = """Ring Sqe Cqe Op SqeFlag SetupFlag Feature CqeFlag UringCmdFlag BufDir Driver
-UringCmd DriverFile EIOCBQUEUED""".split()
+SPEC_NAMES = [
+    "Ring",
+    "Sqe",
+    "Cqe",
+    "Op",
+    "SqeFlag",
+    "SetupFlag",
+    "Feature",
+    "CqeFlag",
+    "UringCmdFlag",
+    "BufDir",
+    "Driver",
+    "UringCmd",
+    "DriverFile",
+    "EIOCBQUEUED",
+]
 
 
 def test_public_names_exist_and_are_exported() -> None:
@@ -40,10 +54,22 @@ def test_public_names_exist_and_are_exported() -> None:
 
 def test_enum_values_are_the_kernels() -> None:
     """SPEC §1: kernel numbers; FUSED_CMD above the kernel's range and below 255."""
-    assert (SqeFlag.FIXED_FILE, SqeFlag.IO_DRAIN, SqeFlag.IO_LINK, SqeFlag.IO_HARDLINK) == (1, 2, 4, 8)
+    assert (SqeFlag.FIXED_FILE, SqeFlag.IO_DRAIN, SqeFlag.IO_LINK, SqeFlag.IO_HARDLINK) == (
+        1,
+        2,
+        4,
+        8,
+    )
     assert (SqeFlag.ASYNC, SqeFlag.BUFFER_SELECT, SqeFlag.CQE_SKIP_SUCCESS) == (16, 32, 64)
     assert (Op.NOP, Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.URING_CMD, Op.SEND_ZC) == (
-        0, 22, 23, 26, 27, 46, 47)
+        0,
+        22,
+        23,
+        26,
+        27,
+        46,
+        47,
+    )
     assert (Op.TIMEOUT, Op.ASYNC_CANCEL, Op.LINK_TIMEOUT, Op.FSYNC) == (11, 14, 15, 3)
     assert Op.SEND_ZC < Op.FUSED_CMD < 255
     assert EIOCBQUEUED == -529
@@ -55,8 +81,11 @@ def test_op_table_is_complete() -> None:
     secondaries = {op for op, d in OPDEFS.items() if d.fused_secondary}
     assert secondaries == {Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC}
     assert {op: OPDEFS[op].buf_dir for op in secondaries} == {
-        Op.READ: BufDir.DEST, Op.RECV: BufDir.DEST,
-        Op.WRITE: BufDir.SRC, Op.SEND: BufDir.SRC, Op.SEND_ZC: BufDir.SRC,
+        Op.READ: BufDir.DEST,
+        Op.RECV: BufDir.DEST,
+        Op.WRITE: BufDir.SRC,
+        Op.SEND: BufDir.SRC,
+        Op.SEND_ZC: BufDir.SRC,
     }
 
 
@@ -149,7 +178,11 @@ def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
     env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "aiofused", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
     )
 
 
@@ -166,7 +199,9 @@ def test_cli_demo_fanout_quick() -> None:
     """``aiofused demo --quick --no-proxy``: the fan-out table, fused beats the chain."""
     p = _run_cli("demo", "--quick", "--no-proxy", "--loop", "asyncio")
     assert p.returncode == 0, p.stderr
-    rows = [line.split() for line in p.stdout.splitlines() if line.strip()[:2] in ("1 ", "4 ", "16")]
+    rows = [
+        line.split() for line in p.stdout.splitlines() if line.strip()[:2] in ("1 ", "4 ", "16")
+    ]
     table = {int(r[0]): r for r in rows if len(r) == 6}
     assert set(table) == {1, 4, 16}, p.stdout
     assert float(table[16][4].rstrip("x")) > 4  # chain/fused speed-up

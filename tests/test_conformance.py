@@ -12,6 +12,7 @@ import struct
 from typing import Any
 
 import pytest
+from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NULL_QUEUED, NULL_RESULTS, NullDriver
 from conftest import (
     EALREADY,
     EBADF,
@@ -38,7 +39,6 @@ from aiofused import (
     SqeFlag,
     UringCmd,
 )
-from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NULL_QUEUED, NULL_RESULTS, NullDriver
 
 LINK = SqeFlag.IO_LINK
 HARD = SqeFlag.IO_HARDLINK
@@ -287,7 +287,7 @@ async def test_l4_skip_success(ring: Ring, data_file: Any) -> None:
     add(ring, 5, "nop")
     ring.submit()
     assert await reap(ring, 1) == [(5, 0)]
-    fd, _ = data_file
+    _fd, _ = data_file
     for i in range(10, 16):
         if i == 13:
             add(ring, i, "read", -1, bytearray(4), flags=SKIP | LINK)
@@ -317,7 +317,7 @@ async def test_l5_drain_waits_for_everything_before(ring: Ring, sockpair: Any) -
 async def test_l6_link_timeout(ring: Ring, sockpair: Any) -> None:
     """SPEC L6: a firing LINK_TIMEOUT cancels its op (-ECANCELED) and posts -ETIME;
     if the op finishes first, the timeout posts -ECANCELED."""
-    a, b = sockpair
+    a, _b = sockpair
     add(ring, 1, "recv", a, bytearray(4), flags=LINK)
     add(ring, 2, "link_timeout", 0.02)
     ring.submit()
@@ -455,7 +455,7 @@ async def test_f3_nr_secondary_bounds(ring: Ring, data_file: Any) -> None:
 
 async def test_f3_sixty_four_secondaries(ring_backend: str, data_file: Any) -> None:
     """SPEC F3: up to 64 secondaries on one primary, each with its own CQE, P last."""
-    fd, content = data_file
+    fd, _content = data_file
     async with Ring(128, flags=SetupFlag.FUSED_REQ, backend=ring_backend) as r:
         drv = NullDriver(size=64 * 256)
         df = r.register_driver(drv)
@@ -495,7 +495,12 @@ async def test_f6_bad_fd_file_and_incapable_driver(ring: Ring, data_file: Any) -
     add(ring, 6, "read", fd, 0, 16, 0)
     ring.submit()
     assert await reap(ring, 6) == [
-        (2, ECANCELED), (1, EBADF), (4, ECANCELED), (3, EOPNOTSUPP), (6, ECANCELED), (5, EOPNOTSUPP)
+        (2, ECANCELED),
+        (1, EBADF),
+        (4, ECANCELED),
+        (3, EOPNOTSUPP),
+        (6, ECANCELED),
+        (5, EOPNOTSUPP),
     ]
     assert drv.calls == []
 
@@ -691,15 +696,20 @@ async def test_f12_ring_close_with_work_in_flight(ring_backend: str, sockpair: A
     r.submit()
     await asyncio.sleep(0.02)
     await asyncio.wait_for(r.close(), 5)
-    got = [(c.user_data, c.res) for c in [r.peek_cqe()] if c]  # noqa: C416
+    got = [(c.user_data, c.res) for c in [r.peek_cqe()] if c]
     cqes = []
     while (c := r.peek_cqe()) is not None:
         r.cqe_seen(c)
         cqes.append((c.user_data, c.res))
     assert got
     assert cqes.index((2, ECANCELED)) < cqes.index((1, ECANCELED))
-    assert sorted(cqes) == [(1, ECANCELED), (2, ECANCELED), (3, ECANCELED), (4, ECANCELED),
-                            (5, ECANCELED)]
+    assert sorted(cqes) == [
+        (1, ECANCELED),
+        (2, ECANCELED),
+        (3, ECANCELED),
+        (4, ECANCELED),
+        (5, ECANCELED),
+    ]
     assert r.in_flight() == 0
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import anyio
 import pytest
+from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NullDriver
 from conftest import ECANCELED
 
 from aiofused import EIOCBQUEUED, BufDir, Ring, UringCmd, res_to_error
 from aiofused._views import counters
-from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NullDriver
 
 
 class SlowLender:
@@ -93,7 +93,9 @@ async def test_lease_errors_are_oserror_subclasses(ring: Ring) -> None:
             await lease.read(10_000, 0, 0, 16)
         assert info.value.errno == errno.EBADF
     with pytest.raises(OSError) as info:
-        async with ring.fused(df, NULL_INLINE, cmd=(-errno.EPERM).to_bytes(4, "little", signed=True)):
+        async with ring.fused(
+            df, NULL_INLINE, cmd=(-errno.EPERM).to_bytes(4, "little", signed=True)
+        ):
             pass
     assert info.value.errno == errno.EPERM
     async with ring.fused(df, NULL_INLINE, cmd=(3).to_bytes(4, "little")) as lease:
@@ -193,7 +195,7 @@ async def test_cancel_with_secondaries_in_flight(ring: Ring, sockpair: Any) -> N
 async def test_cancel_during_exit_keeps_waiting(ring: Ring, sockpair: Any) -> None:
     """Cancellation while the exit waits for a running secondary: the exit keeps
     waiting (the data still lands in the buffer), then re-raises CancelledError."""
-    a, b = sockpair
+    a, _b = sockpair
     df = ring.open_driver("null")
     box: dict[str, Any] = {}
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import os
 import socket
@@ -29,7 +30,7 @@ import stat
 from collections.abc import Callable
 from typing import ClassVar
 
-from aiofused._uapi import ECANCELED, EALREADY, ENOENT, CqeFlag, Op
+from aiofused._uapi import EALREADY, ECANCELED, ENOENT, CqeFlag, Op
 from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
 
 __all__ = ["BACKEND", "AsyncioBackend"]
@@ -116,8 +117,8 @@ class AsyncioBackend(Backend):
         h.write = code == Op.WRITE
         try:
             st = os.fstat(op.fd)
-            blocking = stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or os.get_blocking(
-                op.fd
+            blocking = (
+                stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or os.get_blocking(op.fd)
             )
         except OSError as exc:
             self._finish(h, _errno_res(exc))
@@ -258,10 +259,8 @@ class AsyncioBackend(Backend):
             key = (h.io.fd, h.write)
             q = self._parked.get(key)
             if q is not None:
-                try:
+                with contextlib.suppress(ValueError):
                     q.remove(h)
-                except ValueError:
-                    pass
                 if not q:
                     self._unwatch(key)
             self._finish(h, h.done if h.done else ECANCELED)

@@ -131,7 +131,7 @@ class Backend(abc.ABC):
         """Number of ops started and not yet finally completed."""
         return 0
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release backend resources once every op has completed."""
 
 
