@@ -41,6 +41,8 @@ FSYNC_DATASYNC = 1
 #: ``IORING_ASYNC_CANCEL_ALL``
 ASYNC_CANCEL_ALL = 1 << 0
 MAX_CMD_BYTES = 80
+_F_FIXED = int(SqeFlag.FIXED_FILE)
+_F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ def resolve_fd(ring: Ring, req: Req, fd: Any, flags: int) -> int:
         req.driver = ring._fixed_driver(fd.index)
         req.fd = -1
         return 0
-    if flags & SqeFlag.FIXED_FILE:
+    if flags & _F_FIXED:
         if not isinstance(fd, int):
             return EINVAL
         req.driver = ring._fixed_driver(fd)
@@ -137,7 +139,7 @@ def _prep_rw(ring: Ring, req: Req, sqe: Sqe) -> int:
     err = resolve_fd(ring, req, sqe.fd, sqe.flags)
     if err:
         return err
-    if req.driver is not None or (sqe.flags & SqeFlag.FIXED_FILE):
+    if req.driver is not None or (sqe.flags & _F_FIXED):
         req.issue_err = EBADF if req.driver is None else EINVAL
         return 0
     req.nbytes = sqe.len
@@ -159,7 +161,7 @@ def _prep_rw(ring: Ring, req: Req, sqe: Sqe) -> int:
 
 
 def _prep_send_zc(ring: Ring, req: Req, sqe: Sqe) -> int:
-    if sqe.flags & SqeFlag.CQE_SKIP_SUCCESS:
+    if sqe.flags & _F_SKIP:
         return EINVAL  # the kernel does not support SKIP on SEND_ZC
     return _prep_rw(ring, req, sqe)
 
@@ -172,7 +174,7 @@ def _prep_fsync(ring: Ring, req: Req, sqe: Sqe) -> int:
     err = resolve_fd(ring, req, sqe.fd, sqe.flags)
     if err:
         return err
-    if req.driver is not None or (sqe.flags & SqeFlag.FIXED_FILE):
+    if req.driver is not None or (sqe.flags & _F_FIXED):
         req.issue_err = EBADF if req.driver is None else EINVAL
     req.rw_flags = sqe.rw_flags
     return 0

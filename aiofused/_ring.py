@@ -69,6 +69,15 @@ __all__ = ["Req", "Ring"]
 log = get_logger("aiofused.ring")
 
 MAX_ENTRIES = 32768
+
+# Plain ints for the hot path (IntFlag arithmetic allocates enum members).
+_F_FIXED = int(SqeFlag.FIXED_FILE)
+_F_DRAIN = int(SqeFlag.IO_DRAIN)
+_F_HARDLINK = int(SqeFlag.IO_HARDLINK)
+_F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
+_F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
+_CQE_MORE = int(CqeFlag.MORE)
+_CQE_NOTIF = int(CqeFlag.NOTIF)
 _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
 _SECONDARY_FORBIDDEN = int(
     SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN | SqeFlag.BUFFER_SELECT
@@ -319,7 +328,8 @@ class Ring:
 
     async def wait_cqe(self) -> Cqe:
         """Wait for the first CQE and return it without consuming it."""
-        await self._wait_for(1)
+        if not self._cq:
+            await self._wait_for(1)
         return self._cq[0]
 
     def peek_cqe(self) -> Cqe | None:
@@ -340,7 +350,8 @@ class Ring:
         """Wait until ``n`` CQEs are ready; consume and return them in order."""
         if n <= 0:
             raise ValueError("n must be positive")
-        await self._wait_for(n)
+        if len(self._cq) < n:
+            await self._wait_for(n)
         cq = self._cq
         return [cq.popleft() for _ in range(n)]
 
@@ -489,13 +500,13 @@ class Ring:
         flags = sqe.flags
         if flags & ~SQE_VALID_FLAGS:
             return EINVAL
-        if flags & SqeFlag.CQE_SKIP_SUCCESS:
+        if flags & _F_SKIP:
             self._skip_seen = True
-        if flags & SqeFlag.IO_DRAIN and self._skip_seen:
+        if flags & _F_DRAIN and self._skip_seen:
             return EOPNOTSUPP
         if sqe.ioprio and not opdef.ioprio:
             return EINVAL
-        if flags & SqeFlag.BUFFER_SELECT:
+        if flags & _F_BUFSEL:
             return opdef.buffer_select_err
         return 0
 
@@ -573,8 +584,13 @@ class Ring:
         return count
 
     def _start_unit(self, reqs: list[Req]) -> None:
-        count = self._link_unit(reqs)
-        drain = any(r.flags & SqeFlag.IO_DRAIN for r in reqs)
+        if len(reqs) == 1:  # fast path: a standalone request
+            r = reqs[0]
+            count = 1 if r.fused is None else 1 + len(r.fused.secondaries)
+            drain = bool(r.flags & _F_DRAIN)
+        else:
+            count = self._link_unit(reqs)
+            drain = any(r.flags & _F_DRAIN for r in reqs)
         if self._deferred or self._barrier or (drain and self._live):
             self._deferred.append((reqs, count, drain))
             return
@@ -664,11 +680,11 @@ class Ring:
             log.error("late_completion", op=req.opcode, user_data=req.user_data)
             return
         if req.opcode == Op.SEND_ZC:
-            if flags & CqeFlag.NOTIF:
-                self._post(req, 0, CqeFlag.NOTIF)
+            if flags & _CQE_NOTIF:
+                self._post(req, 0, _CQE_NOTIF)
                 self._release(req)
             else:
-                self._finish(req, res, CqeFlag.MORE)
+                self._finish(req, res, _CQE_MORE)
             return
         self._complete(req, res)
 
@@ -823,7 +839,7 @@ class Ring:
             req.timer.cancel()
             req.timer = None
         failed = req.failed_res
-        skip = bool(req.flags & SqeFlag.CQE_SKIP_SUCCESS)
+        skip = bool(req.flags & _F_SKIP)
         if not (skip and not failed):
             self._post(req, res, flags)
         if req.lt is not None:
@@ -832,7 +848,7 @@ class Ring:
         if nxt is None:
             return
         req.link = None
-        if failed and not (req.flags & SqeFlag.IO_HARDLINK and not req.err):
+        if failed and not (req.flags & _F_HARDLINK and not req.err):
             self._fail_links(nxt, skip_cqes=skip)
         else:
             self._issue(nxt)

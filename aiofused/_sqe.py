@@ -8,7 +8,7 @@ afterwards.  A :class:`Cqe` is an immutable record.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiofused._driver import DriverFile
 from aiofused._uapi import Op, SqeFlag, UringCmdFlag
@@ -22,9 +22,8 @@ class FileLike(Protocol):
     def fileno(self) -> int: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Cqe:
-    """A completion: ``user_data``, ``res`` (>= 0 or ``-errno``) and ``flags``."""
+class Cqe(NamedTuple):
+    """A completion (immutable): ``user_data``, ``res`` (>= 0 or ``-errno``) and ``flags``."""
 
     user_data: int
     res: int
