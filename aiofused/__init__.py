@@ -8,6 +8,7 @@ of them.  Plain ops run on a real kernel io_uring where the machine allows it, a
 on asyncio otherwise, with the same semantics.
 """
 
+from aiofused._buffers import BufferPool, PoolBuffer
 from aiofused._driver import Driver, DriverFile, IssueFlag, UringCmd, available_drivers
 from aiofused._errors import (
     AiofusedError,
@@ -40,6 +41,7 @@ __all__ = [
     "AiofusedError",
     "BackendUnavailable",
     "BufDir",
+    "BufferPool",
     "Cqe",
     "CqeFlag",
     "Driver",
@@ -50,6 +52,7 @@ __all__ = [
     "IssueFlag",
     "Lease",
     "Op",
+    "PoolBuffer",
     "Ring",
     "RingClosedError",
     "SetupFlag",

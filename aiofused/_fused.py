@@ -31,11 +31,12 @@ import enum
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from aiofused._buffers import PoolBuffer
 from aiofused._driver import IssueFlag, UringCmd
 from aiofused._errors import DriverError
 from aiofused._log import get_logger
 from aiofused._opdef import check_driver_fd
-from aiofused._uapi import EALREADY, ECANCELED, EFAULT, EIO, EIOCBQUEUED, BufDir
+from aiofused._uapi import EALREADY, ECANCELED, EFAULT, EIO, EIOCBQUEUED, BufDir, Op
 from aiofused._views import lent_changed, view_made, view_release
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class Primary:
         "_callback",
         "_early_res",
         "_extra_views",
+        "_fixed_index",
         "cmd",
         "is_fused",
         "on_lent",
@@ -104,6 +106,7 @@ class Primary:
         self._extra_views: list[memoryview] = []
         self._callback: Callable[[UringCmd], None] | None = None
         self._early_res = 0
+        self._fixed_index = -1
         self.on_lent: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -213,6 +216,10 @@ class Primary:
             raise DriverError("provide_buf_and_start() on a plain URING_CMD")
         if self.state is not State.ISSUED:
             raise DriverError(f"cannot lend a buffer in state {self.state.value}")
+        if isinstance(buf, PoolBuffer):
+            if buf.pool is self.ring._reg_pool:
+                self._fixed_index = buf.index  # secondaries become fixed ops
+            buf = buf.view
         mv = memoryview(buf)
         if not mv.c_contiguous:
             mv.release()
@@ -310,6 +317,9 @@ class Primary:
             else:
                 s.buf = base[off : off + n]
                 view_made()
+                if self._fixed_index >= 0 and s.opcode in _FIXED_FORM:
+                    s.buf_index = self._fixed_index
+                    s.opcode = _FIXED_FORM[s.opcode]
         self.ring._issue(s)
 
     def _cancel_inflight(self) -> None:
@@ -358,6 +368,9 @@ class Primary:
         if self._base is not None:
             view_release(self._base)
             self._base = None
+
+
+_FIXED_FORM = {Op.READ: Op.READ_FIXED, Op.WRITE: Op.WRITE_FIXED}
 
 
 def _ignore(res: int) -> None:

@@ -160,6 +160,34 @@ def _prep_rw(ring: Ring, req: Req, sqe: Sqe) -> int:
     return 0
 
 
+def _prep_fixed(ring: Ring, req: Req, sqe: Sqe) -> int:
+    """READ_FIXED/WRITE_FIXED: ``addr`` is a byte offset into registered buffer ``buf_index``."""
+    err = resolve_fd(ring, req, sqe.fd, sqe.flags)
+    if err:
+        return err
+    if req.driver is not None or (sqe.flags & _F_FIXED):
+        req.issue_err = EBADF if req.driver is None else EINVAL
+        return 0
+    if sqe.len < 0:
+        return EINVAL
+    req.nbytes = sqe.len
+    req.offset = sqe.off
+    req.rw_flags = sqe.rw_flags
+    views = ring._reg_views
+    idx, off = sqe.buf_index, sqe.addr
+    if not isinstance(off, int) or not 0 <= idx < len(views):
+        req.issue_err = EFAULT
+        return 0
+    base = views[idx]
+    if off < 0 or off > len(base) or sqe.len > len(base) - off:
+        req.issue_err = EFAULT
+        return 0
+    req.buf = base[off : off + sqe.len]
+    req.buf_index = idx
+    view_made()
+    return 0
+
+
 def _prep_send_zc(ring: Ring, req: Req, sqe: Sqe) -> int:
     if sqe.flags & _F_SKIP:
         return EINVAL  # the kernel does not support SKIP on SEND_ZC
@@ -339,6 +367,26 @@ OPDEFS: dict[int, OpDef] = {
         ioprio=True,
         backend=True,
     ),
+    Op.READ_FIXED: OpDef(
+        Op.READ_FIXED,
+        _prep_fixed,
+        _issue_io,
+        needs_file=True,
+        buf_dir=BufDir.DEST,
+        ioprio=True,
+        short_fails=True,
+        backend=True,
+    ),
+    Op.WRITE_FIXED: OpDef(
+        Op.WRITE_FIXED,
+        _prep_fixed,
+        _issue_io,
+        needs_file=True,
+        buf_dir=BufDir.SRC,
+        ioprio=True,
+        short_fails=True,
+        backend=True,
+    ),
     Op.FSYNC: OpDef(Op.FSYNC, _prep_fsync, _issue_io, needs_file=True, backend=True),
     Op.TIMEOUT: OpDef(Op.TIMEOUT, _prep_timeout, _issue_timeout),
     Op.LINK_TIMEOUT: OpDef(Op.LINK_TIMEOUT, _prep_link_timeout, _issue_link_timeout),
@@ -362,6 +410,8 @@ def _check_table() -> None:
             assert d.needs_file, f"{op!r} runs on a backend but needs no file"
     implemented = {
         Op.NOP,
+        Op.READ_FIXED,
+        Op.WRITE_FIXED,
         Op.READ,
         Op.WRITE,
         Op.SEND,

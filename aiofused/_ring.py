@@ -31,11 +31,12 @@ import collections
 import heapq
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from aiofused._buffers import BufferPool
 from aiofused._driver import Driver, DriverFile, load_driver
-from aiofused._errors import RingClosedError
+from aiofused._errors import RingClosedError, res_to_error
 from aiofused._fused import Primary
 from aiofused._log import get_logger
 from aiofused._opdef import ASYNC_CANCEL_ALL, OPDEFS, OpDef, resolve_fd
@@ -43,10 +44,12 @@ from aiofused._sqe import Cqe, Sqe
 from aiofused._uapi import (
     EALREADY,
     EBADF,
+    EBUSY,
     ECANCELED,
     EINVAL,
     EIO,
     ENOENT,
+    ENXIO,
     EOPNOTSUPP,
     ETIME,
     MAX_SECONDARY,
@@ -78,6 +81,8 @@ _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
 _CQE_MORE = int(CqeFlag.MORE)
 _CQE_NOTIF = int(CqeFlag.NOTIF)
+_OP_READ_FIXED = int(Op.READ_FIXED)
+_OP_WRITE_FIXED = int(Op.WRITE_FIXED)
 _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
 _SECONDARY_FORBIDDEN = int(
     SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN | SqeFlag.BUFFER_SELECT
@@ -240,6 +245,9 @@ class Ring:
         self._idle: list[asyncio.Future[None]] = []
         self._closed = False
         self._closing = False
+        self._reg_views: list[memoryview] = []
+        self._reg_pool: BufferPool | None = None
+        self._reg_kernel = False
         Ring._instances.add(self)
 
     # ---- public surface --------------------------------------------------------
@@ -377,6 +385,39 @@ class Ring:
         """Empty ``df``'s slot: later SQEs naming it fail with -EBADF."""
         if df.ring_id == self.id and 0 <= df.index < len(self._files):
             self._files[df.index] = None
+
+    def register_buffers(self, buffers: BufferPool | Sequence[Any]) -> None:
+        """Register fixed buffers (``IORING_REGISTER_BUFFERS``): slot ``i`` is ``buf_index`` i.
+
+        READ_FIXED/WRITE_FIXED name them by index; a primary lending a buffer of a
+        registered :class:`BufferPool` runs its READ/WRITE secondaries as fixed ops on the
+        kernel backend.  The buffers stay pinned until :meth:`unregister_buffers` or close.
+        """
+        if self._closing:
+            raise RingClosedError("ring is closed")
+        if self._reg_views:
+            raise res_to_error(EBUSY)
+        if isinstance(buffers, BufferPool):
+            views = buffers.views()
+            self._reg_pool = buffers
+        else:
+            views = []
+            for b in buffers:
+                mv = memoryview(b)
+                views.append(mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B"))
+        if not views or any(v.readonly for v in views):
+            raise res_to_error(EINVAL)
+        self._reg_views = views
+        if Op.READ_FIXED in self._backend_ops:
+            self._reg_kernel = self._backend.register_buffers(views)
+
+    def unregister_buffers(self) -> None:
+        """Forget the fixed buffers (requests already consumed keep their views)."""
+        if not self._reg_views:
+            raise res_to_error(ENXIO)
+        self._reg_views = []
+        self._reg_pool = None
+        self._reg_kernel = False
 
     def open_driver(self, name: str, **options: Any) -> DriverFile:
         """Load the plugin ``name`` (entry-point group ``aiofused.drivers``) and register it."""
@@ -671,6 +712,9 @@ class Ring:
         if req.fd < 0:
             self._complete(req, EBADF)
             return
+        op = req.opcode
+        if (op in (_OP_READ_FIXED, _OP_WRITE_FIXED)) and not self._reg_kernel:
+            req.opcode = Op.READ if op == _OP_READ_FIXED else Op.WRITE  # same bytes, no table
         backend = self._backend if req.opcode in self._backend_ops else self._fallback
         req.backend = backend
         req.handle = backend.start(req, req)

@@ -94,6 +94,20 @@ class Sqe:
         """WRITE ``nbytes`` of ``buf`` at ``offset`` (-1: current file position)."""
         self._prep(Op.WRITE, fd, buf, self._nbytes(buf, nbytes), offset)
 
+    def prep_read_fixed(
+        self, fd: Any, buf: int, nbytes: int, offset: int = 0, buf_index: int = 0
+    ) -> None:
+        """READ_FIXED into registered buffer ``buf_index`` at byte offset ``buf``."""
+        self._prep(Op.READ_FIXED, fd, buf, nbytes, offset)
+        self.buf_index = buf_index
+
+    def prep_write_fixed(
+        self, fd: Any, buf: int, nbytes: int, offset: int = 0, buf_index: int = 0
+    ) -> None:
+        """WRITE_FIXED from registered buffer ``buf_index`` at byte offset ``buf``."""
+        self._prep(Op.WRITE_FIXED, fd, buf, nbytes, offset)
+        self.buf_index = buf_index
+
     def prep_send(self, fd: Any, buf: Any, nbytes: int | None = None, flags: int = 0) -> None:
         """SEND on a socket with ``MSG_*`` ``flags``."""
         self._prep(Op.SEND, fd, buf, self._nbytes(buf, nbytes), 0)

@@ -142,4 +142,5 @@ EAGAIN: Final = -errno.EAGAIN
 EBUSY: Final = -errno.EBUSY
 EPERM: Final = -errno.EPERM
 ENOSPC: Final = -errno.ENOSPC
+ENXIO: Final = -errno.ENXIO
 EOF_: Final = 0
