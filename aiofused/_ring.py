@@ -81,6 +81,7 @@ _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
 _CQE_MORE = int(CqeFlag.MORE)
 _CQE_NOTIF = int(CqeFlag.NOTIF)
+_FAST_EXCLUDED = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN)
 _OP_READ_FIXED = int(Op.READ_FIXED)
 _OP_WRITE_FIXED = int(Op.WRITE_FIXED)
 _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
@@ -129,7 +130,14 @@ class Req(IoOp):
     )
 
     def __init__(self, ring: Ring, user_data: int, opcode: int, flags: int) -> None:
-        IoOp.__init__(self, Op.NOP, -1)
+        # IoOp's fields, set directly (cheaper than IoOp.__init__ on the hot path).
+        self.fd = -1
+        self.buf = None
+        self.nbytes = 0
+        self.offset = 0
+        self.rw_flags = 0
+        self.buf_index = -1
+        self.file = None
         self.ring = ring
         self.user_data = user_data
         self.opcode = opcode  # type: ignore[assignment]
@@ -292,9 +300,28 @@ class Ring:
         chain: list[Req] | None = None
         chain_failed = False
         stop = False
+        fast = not (self._deferred or self._barrier or self._issuing)
         while i < n and not stop:
             req = self._init_req(sq[i])
             i += 1
+            if (
+                fast
+                and chain is None
+                and not req.err
+                and not req.flags & _FAST_EXCLUDED
+                and req.opdef.backend
+            ):
+                # Fast path: a standalone leaf I/O op goes straight to its backend.
+                self._live += 1
+                req.state = INFLIGHT
+                self._inflight[req] = None
+                try:
+                    self._issue_io(req)
+                except Exception:
+                    log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
+                    if req.state == INFLIGHT:
+                        self._complete(req, EIO)
+                continue
             if req.opcode == Op.FUSED_CMD:
                 i = self._take_secondaries(req, sq, i, n)
             linked = bool(req.flags & _LINK_FLAGS)
@@ -720,7 +747,39 @@ class Ring:
         req.handle = backend.start(req, req)
 
     def _on_io(self, req: Req, res: int, flags: int) -> None:
-        if req.state >= RELEASED:
+        state = req.state
+        if (
+            state == INFLIGHT
+            and req.link is None
+            and req.lt is None
+            and req.primary is None
+            and req.on_cqe is None
+            and not flags
+        ):
+            # Fast path: a plain op with nothing linked, its CQE goes to the CQ.
+            req.state = RELEASED
+            req.res = res
+            del self._inflight[req]
+            if not (req.flags & _F_SKIP) or req.failed_res:
+                cq = self._cq
+                cq.append(Cqe(req.user_data, res, 0))
+                if len(cq) > self.cq_entries:
+                    self.cq_overflow += 1
+                self._cqe_seq += 1
+                if self._count_timeouts:
+                    self._flush_count_timeouts()
+                if self._waiters:
+                    self._wake()
+            buf = req.buf
+            if buf is not None:
+                req.buf = None
+                view_release(buf)
+            req.file = req.handle = req.backend = None
+            self._live -= 1
+            if self._live == 0 or self._deferred:
+                self._after_release()
+            return
+        if state >= RELEASED:
             log.error("late_completion", op=req.opcode, user_data=req.user_data)
             return
         if req.opcode == Op.SEND_ZC:
@@ -934,13 +993,17 @@ class Ring:
         if buf is not None:
             req.buf = None
             view_release(buf)
-        req.file = None
-        req.handle = None
-        req.backend = None
+        if req.backend is not None:
+            req.file = None
+            req.handle = None
+            req.backend = None
         self._live -= 1
         prim = req.primary
         if prim is not None:
             prim.secondary_released(req)
+        self._after_release()
+
+    def _after_release(self) -> None:
         if self._live == 0:
             self._barrier = False
             if self._idle:

@@ -58,8 +58,8 @@ def pairs(cqes: list[Cqe]) -> list[tuple[int, int]]:
 
 @pytest.fixture
 def data_file(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
-    """An open fd on a 16 KiB file of known content."""
-    content = bytes((i * 7 + 3) % 251 for i in range(16384))
+    """An open (read-write) fd on a 64 KiB file of random content, and the content."""
+    content = os.urandom(1 << 16)
     path = tmp_path / "data.bin"
     path.write_bytes(content)
     fd = os.open(path, os.O_RDWR)
