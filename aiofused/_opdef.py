@@ -102,6 +102,10 @@ def _take_buffer(req: Req, addr: Any, length: int, writable: bool) -> int:
     """Hold ``addr`` as a byte memoryview of ``length``; 0 or the issue-time error."""
     if length < 0:
         return EINVAL
+    if type(addr) is bytearray and length == len(addr):  # the common case: no checks needed
+        req.buf = memoryview(addr)
+        view_made()
+        return 0
     try:
         mv = memoryview(addr)
     except TypeError:
@@ -136,12 +140,16 @@ def _prep_nop(ring: Ring, req: Req, sqe: Sqe) -> int:
 
 
 def _prep_rw(ring: Ring, req: Req, sqe: Sqe) -> int:
-    err = resolve_fd(ring, req, sqe.fd, sqe.flags)
-    if err:
-        return err
-    if req.driver is not None or (sqe.flags & _F_FIXED):
-        req.issue_err = EBADF if req.driver is None else EINVAL
-        return 0
+    fd = sqe.fd
+    if type(fd) is int and not sqe.flags & _F_FIXED:
+        req.fd = fd  # the common case, without the general resolution
+    else:
+        err = resolve_fd(ring, req, fd, sqe.flags)
+        if err:
+            return err
+        if req.driver is not None or (sqe.flags & _F_FIXED):
+            req.issue_err = EBADF if req.driver is None else EINVAL
+            return 0
     req.nbytes = sqe.len
     req.offset = sqe.off
     req.rw_flags = sqe.rw_flags

@@ -81,6 +81,7 @@ _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
 _CQE_MORE = int(CqeFlag.MORE)
 _CQE_NOTIF = int(CqeFlag.NOTIF)
+_INIT_SLOW_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
 _FAST_EXCLUDED = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN)
 _OP_READ_FIXED = int(Op.READ_FIXED)
 _OP_WRITE_FIXED = int(Op.WRITE_FIXED)
@@ -579,7 +580,15 @@ class Ring:
         return 0
 
     def _init_req(self, sqe: Sqe) -> Req:
-        req = Req(self, int(sqe.user_data), int(sqe.opcode), int(sqe.flags))
+        flags = sqe.flags
+        req = Req(self, sqe.user_data, sqe.opcode, flags)
+        opdef = OPDEFS.get(sqe.opcode)
+        if opdef is not None and not flags & _INIT_SLOW_FLAGS and not sqe.ioprio:
+            # the common case: known opcode, no flag that needs a check
+            req.opdef = opdef
+            req.opcode = opdef.op
+            req.err = opdef.prep(self, req, sqe)
+            return req
         err = self._generic_init(req, sqe)
         if not err:
             req.opcode = req.opdef.op
