@@ -106,7 +106,7 @@ async def test_fused_secondaries_on_registered_pool_buffer(ring: Ring, data_file
                 *(lease.read(fd, i * 4096, i * 4096, 4096) for i in range(4))
             )
         assert got == [4096] * 4 and lease.result == 16384
-        assert drv.last is not None and bytes(drv.last.view) == content
+        assert drv.last is not None and bytes(drv.last.view) == content[:16384]
         assert pool.available == 2
     finally:
         await ring.close()
