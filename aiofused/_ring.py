@@ -566,7 +566,7 @@ class Ring:
         if opdef is None:
             return EINVAL
         req.opdef = opdef
-        flags = sqe.flags
+        flags = req.flags
         if flags & ~SQE_VALID_FLAGS:
             return EINVAL
         if flags & _F_SKIP:
@@ -580,7 +580,7 @@ class Ring:
         return 0
 
     def _init_req(self, sqe: Sqe) -> Req:
-        flags = sqe.flags
+        flags = int(sqe.flags)  # user code may have made it an IntFlag: keep enum math out
         req = Req(self, sqe.user_data, sqe.opcode, flags)
         opdef = OPDEFS.get(sqe.opcode)
         if opdef is not None and not flags & _INIT_SLOW_FLAGS and not sqe.ioprio:

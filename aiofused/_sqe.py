@@ -15,6 +15,8 @@ from aiofused._uapi import Op, SqeFlag, UringCmdFlag
 
 __all__ = ["Cqe", "FileLike", "Sqe"]
 
+_F_FIXED = int(SqeFlag.FIXED_FILE)
+
 
 class FileLike(Protocol):
     """Anything with ``fileno()``."""
@@ -72,7 +74,7 @@ class Sqe:
         self.cmd = b""
         self.pad1 = 0
         if isinstance(fd, DriverFile):
-            self.flags |= SqeFlag.FIXED_FILE
+            self.flags = int(self.flags) | _F_FIXED
 
     @staticmethod
     def _nbytes(buf: Any, nbytes: int | None) -> int:

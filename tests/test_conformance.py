@@ -755,3 +755,18 @@ async def test_driver_without_lending_api_misuse_is_typed(ring: Ring) -> None:
     add(ring, 1, "uring_cmd", df, 0)
     ring.submit()
     assert await reap(ring, 1) == [(1, EIO)]
+
+
+async def test_read_offset_ignored_on_a_pipe(ring: Ring) -> None:
+    """Both backends ignore the offset on a stream (the kernel's FMODE_STREAM rule)."""
+    r_fd, w_fd = os.pipe()
+    try:
+        os.write(w_fd, b"pipe data")
+        buf = bytearray(9)
+        add(ring, 1, "read", r_fd, buf, 9, 0)
+        ring.submit()
+        assert await reap(ring, 1) == [(1, 9)]
+        assert bytes(buf) == b"pipe data"
+    finally:
+        os.close(r_fd)
+        os.close(w_fd)

@@ -117,15 +117,17 @@ class AsyncioBackend(Backend):
         h.write = code == Op.WRITE
         try:
             st = os.fstat(op.fd)
-            blocking = (
-                stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or os.get_blocking(op.fd)
-            )
+            seekable = stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            blocking = seekable or os.get_blocking(op.fd)
         except OSError as exc:
             self._finish(h, _errno_res(exc))
             return h
         if blocking:
             fn = _pwrite if h.write else _pread
-            self._to_thread(h, fn, op.fd, op.buf, op.offset, op.rw_flags)
+            # A stream (pipe, tty, socket) has no position: the offset is ignored, as the
+            # kernel does for FMODE_STREAM files.
+            offset = op.offset if seekable else -1
+            self._to_thread(h, fn, op.fd, op.buf, offset, op.rw_flags)
         else:
             self._attempt(h)
         return h

@@ -1,0 +1,697 @@
+"""NBD front end: plays the block layer for ublk devices, fed by real NBD clients.
+
+Each connection does the handshake (:class:`._nbdproto.Handshake`) with awaited socket
+calls, then switches to a readiness-driven transmission loop on the raw non-blocking
+socket (``loop.add_reader``/``add_writer``, which uvloop and the default loop both
+provide):
+
+* request headers are parsed out of a receive buffer; a WRITE payload goes straight
+  into the request's buffer (bytes already read with the header are copied once,
+  the rest is ``recv_into`` the request buffer itself);
+* each READ/WRITE/FLUSH/TRIM/WRITE_ZEROES becomes a :class:`BlockRequest` queued on
+  the export's :class:`UblkDriver`; requests are pipelined and answered in completion
+  order (out of order), matched by cookie;
+* replies are gathered per loop iteration and written with one ``sendmsg``; a READ
+  reply's data is the request buffer itself, released only once the kernel took it.
+
+Bad input: out-of-range, misaligned (when block sizes were agreed) or unknown
+requests get an NBD error; bad magic, oversized (> 32 MiB) payload requests and a
+malformed handshake close that connection only.  A connection that goes away
+mid-request drops its partial payload buffer and lets in-flight requests finish
+without a reply: nothing stays lent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import itertools
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from aiofused._log import get_logger
+
+from . import _nbdproto as P
+from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, BlockRequest, IoOp, UblkDriver
+from ._reqbuf import ReqBuf, RequestBuffers
+from ._targets import Target
+
+__all__ = ["Export", "NbdServer"]
+
+log = get_logger(__name__)
+
+_RBUF_SIZE: Final = 256 * 1024
+_HDR: Final = P.REQUEST_HEADER
+_HDR_SIZE: Final = _HDR.size
+_KNOWN_FLAGS: Final = int(
+    P.CmdFlag.FUA | P.CmdFlag.NO_HOLE | P.CmdFlag.DF | P.CmdFlag.REQ_ONE | P.CmdFlag.FAST_ZERO
+)
+#: iovecs per sendmsg: a unix socket buffer takes ~200 KiB at a time anyway.
+_IOV_MAX: Final = 64
+_EINVAL: Final = errno.EINVAL
+_ENOSPC: Final = errno.ENOSPC
+_EPERM: Final = errno.EPERM
+_FUA: Final = int(P.CmdFlag.FUA)
+_NO_HOLE: Final = int(P.CmdFlag.NO_HOLE)
+_FAST_ZERO: Final = int(P.CmdFlag.FAST_ZERO)
+_REQ_ONE: Final = int(P.CmdFlag.REQ_ONE)
+_READ: Final = int(P.Cmd.READ)
+_WRITE: Final = int(P.Cmd.WRITE)
+_IO_READ: Final = int(IoOp.READ)
+
+
+class Export:
+    """A named export: a ublk device and the target serving it."""
+
+    def __init__(
+        self,
+        name: str,
+        driver: UblkDriver,
+        target: Target,
+        read_only: bool = False,
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.driver = driver
+        self.target = target
+        self.read_only = read_only or target.read_only
+        self.description = description or target.describe()
+        flags = (
+            P.TxFlag.HAS_FLAGS | P.TxFlag.SEND_FLUSH | P.TxFlag.SEND_FUA | P.TxFlag.CAN_MULTI_CONN
+        )
+        if self.read_only:
+            flags |= P.TxFlag.READ_ONLY
+        else:
+            flags |= P.TxFlag.SEND_TRIM | P.TxFlag.SEND_WRITE_ZEROES
+        self.info = P.ExportInfo(
+            name=name,
+            size=driver.size,
+            flags=flags,
+            description=self.description,
+            min_block=driver.logical_block_size,
+        )
+
+
+class NbdServer:
+    """Serves :class:`Export` objects to NBD clients on unix or TCP sockets."""
+
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        buffers: RequestBuffers | None = None,
+        *,
+        handshake_timeout: float = 30.0,
+        max_inflight: int = 256,
+    ) -> None:
+        if not exports:
+            raise ValueError("at least one export")
+        self.exports = {e.name: e for e in exports}
+        #: The export a client gets when it asks for the empty name.
+        self.default_export = exports[0]
+        self.buffers = buffers or RequestBuffers()
+        self.handshake_timeout = handshake_timeout
+        self.max_inflight = max_inflight
+        self.connections: set[Connection] = set()
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: set[asyncio.Task[None]] = set()
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # ---- export lookup ----------------------------------------------------------------
+
+    def lookup(self, name: str) -> P.ExportInfo | None:
+        exp = self.exports.get(name) if name else self.default_export
+        return None if exp is None else exp.info
+
+    def names(self) -> list[str]:
+        return list(self.exports)
+
+    # ---- listening --------------------------------------------------------------------
+
+    @staticmethod
+    def bind_unix(path: str) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(128)
+        return sock
+
+    @staticmethod
+    def bind_tcp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return sock
+
+    def serve(self, listener: socket.socket) -> None:
+        """Start accepting on a bound, listening socket (the server closes it)."""
+        listener.setblocking(False)
+        self._listeners.append(listener)
+        task = asyncio.create_task(self._accept_loop(listener), name="nbd-accept")
+        self._accept_tasks.add(task)
+        task.add_done_callback(self._accept_tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as e:
+                if self._closing:
+                    return
+                log.warning("nbd.accept_failed", error=str(e))
+                await asyncio.sleep(0.05)
+                continue
+            conn = Connection(self, sock, next(self._ids), peer)
+            task = asyncio.create_task(conn.run(), name=f"nbd-conn-{conn.id}")
+            conn.task = task
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_tasks.discard)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``timeout``), disconnect."""
+        self._closing = True
+        for t in list(self._accept_tasks):
+            t.cancel()
+        for sock in self._listeners:
+            if sock.family == socket.AF_UNIX:
+                name = sock.getsockname()
+                if isinstance(name, str) and name:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name)
+            sock.close()
+        self._listeners.clear()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self._conn_tasks:
+            _, pending = await asyncio.wait(set(self._conn_tasks), timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+        if self._accept_tasks:
+            await asyncio.wait(set(self._accept_tasks), timeout=1)
+
+
+class Connection:
+    """One client connection."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, conn_id: int, peer: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.id = conn_id
+        self.peer = peer if peer else "unix"
+        self.log = log.bind(conn=conn_id)
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self.export: Export | None = None
+        self._structured = False
+        self._meta = False
+        self._align = 1
+        self._size = 0
+        self._ro = False
+        self._driver: UblkDriver | None = None
+        self._target: Target | None = None
+        self._q_id = conn_id
+        # receive state
+        self._rbuf = bytearray(_RBUF_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = 0
+        self._wpos = 0
+        self._payload: ReqBuf | None = None
+        self._payload_req: BlockRequest | None = None
+        self._payload_got = 0
+        self._discard = 0
+        self._reading = False
+        self._paused = False
+        self._disc = False
+        # send state
+        self._out: collections.deque[tuple[Any, ReqBuf | None]] = collections.deque()
+        self._flush_scheduled = False
+        self._writing = False
+        self.inflight = 0
+        self.closed = False
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self.close_reason = ""
+        self.task: asyncio.Task[None] | None = None
+        self._shutting_down = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        srv = self.server
+        srv.connections.add(self)
+        try:
+            ok = await self._handshake()
+            if ok:
+                self._start_transmission()
+                await self._done
+        except Exception:
+            self.log.exception("nbd.connection_error")
+            self._close("internal error")
+        finally:
+            srv.connections.discard(self)
+            if not self.closed:
+                self._close(self.close_reason or "done")
+
+    async def _handshake(self) -> bool:
+        srv = self.server
+        loop = self._loop
+        sock = self.sock
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hs = P.Handshake(srv.lookup, srv.names)
+        try:
+            async with asyncio.timeout(srv.handshake_timeout):
+                await loop.sock_sendall(sock, hs.data_to_send())
+                while hs.state in (P.HandshakeState.CLIENT_FLAGS, P.HandshakeState.OPTIONS):
+                    data = await loop.sock_recv(sock, 65536)
+                    if not data:
+                        self.close_reason = "client closed during handshake"
+                        self.log.info("nbd.handshake_eof", options=hs.options_seen)
+                        return False
+                    hs.receive_data(data)
+                    out = hs.data_to_send()
+                    if out:
+                        await loop.sock_sendall(sock, out)
+        except TimeoutError:
+            self.close_reason = "handshake timeout"
+            self.log.warning("nbd.handshake_timeout")
+            return False
+        except OSError as e:
+            self.close_reason = f"handshake: {e}"
+            self.log.info("nbd.handshake_failed", error=str(e))
+            return False
+        if hs.state is not P.HandshakeState.TRANSMISSION or hs.export is None:
+            self.close_reason = hs.close_reason
+            level = "info" if "ABORT" in hs.close_reason else "warning"
+            getattr(self.log, level)("nbd.handshake_closed", reason=hs.close_reason)
+            return False
+        exp = srv.exports.get(hs.export.name, srv.default_export)
+        self.export = exp
+        self._structured = hs.structured
+        self._meta = hs.meta_context
+        self._align = exp.info.min_block if hs.block_size_agreed else 1
+        self._size = exp.info.size
+        self._ro = exp.read_only
+        self._driver = exp.driver
+        self._target = exp.target
+        self._q_id = self.id % exp.driver.nr_queues
+        self.log = self.log.bind(export=exp.name)
+        self.log.info(
+            "nbd.connected",
+            peer=str(self.peer),
+            structured=hs.structured,
+            meta_context=hs.meta_context,
+            block_size=hs.block_size_agreed,
+        )
+        if hs.leftover:
+            n = len(hs.leftover)
+            self._rbuf[:n] = hs.leftover
+            self._wpos = n
+        return True
+
+    def _start_transmission(self) -> None:
+        self._process()
+        if not self.closed and not self._disc and not self._paused:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def shutdown(self, grace: float = 2.0) -> None:
+        """Server shutdown (NBD soft disconnect): requests already received complete,
+        new ones get ESHUTDOWN; the connection closes when the client disconnects, or
+        after ``grace`` seconds once nothing is in flight."""
+        if self.closed:
+            return
+        if self.export is None:
+            # Still in the handshake: nothing in flight, just drop it.
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self._shutting_down = True
+        self._loop.call_later(grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        if self.closed:
+            return
+        self._disc = True
+        self.close_reason = self.close_reason or "server shutdown"
+        self._stop_reading()
+        self._maybe_finish()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        bufs = self.server.buffers
+        if self._payload is not None:
+            bufs.release(self._payload)
+            self._payload = None
+            self._payload_req = None
+        while self._out:
+            _, rb = self._out.popleft()
+            if rb is not None:
+                bufs.release(rb)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.log.info("nbd.disconnected", reason=reason, inflight=self.inflight)
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _maybe_finish(self) -> None:
+        if self._disc and self.inflight == 0 and not self._out and not self.closed:
+            self._close(self.close_reason or "disconnect")
+
+    # ---- receive ------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            if self._payload is not None:
+                view = self._payload.view
+                n = self.sock.recv_into(view[self._payload_got :])
+                if n:
+                    self._payload_got += n
+                    if self._payload_got == len(view):
+                        self._payload_complete()
+            else:
+                if self._wpos == _RBUF_SIZE:
+                    self._compact()
+                n = self.sock.recv_into(self._rview[self._wpos :])
+                self._wpos += n
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._close(f"receive error: {e}")
+            return
+        if n == 0:
+            self._eof()
+            return
+        self._process()
+
+    def _eof(self) -> None:
+        partial = self._payload is not None or self._wpos > self._rpos
+        self._stop_reading()
+        if partial:
+            self.log.warning("nbd.truncated_request", reason="client closed mid-request")
+            self._close("client closed mid-request")
+            return
+        self._disc = True
+        self.close_reason = "client closed"
+        self._maybe_finish()
+
+    def _compact(self) -> None:
+        r, w = self._rpos, self._wpos
+        if r:
+            self._rbuf[: w - r] = self._rbuf[r:w]
+            self._rpos, self._wpos = 0, w - r
+
+    def _process(self) -> None:
+        rbuf = self._rbuf
+        while not self.closed:
+            avail = self._wpos - self._rpos
+            if self._payload is not None:
+                if not avail:
+                    break
+                view = self._payload.view
+                n = min(avail, len(view) - self._payload_got)
+                r = self._rpos
+                view[self._payload_got : self._payload_got + n] = self._rview[r : r + n]
+                self._rpos += n
+                self._payload_got += n
+                if self._payload_got == len(view):
+                    self._payload_complete()
+                    if self.inflight >= self.server.max_inflight and not self._paused:
+                        self._paused = True
+                        self._stop_reading()
+                continue
+            if self._discard:
+                n = min(avail, self._discard)
+                self._rpos += n
+                self._discard -= n
+                if self._discard:
+                    break
+                continue
+            if self._disc or self._paused:
+                break
+            if avail < _HDR_SIZE:
+                break
+            magic, flags, typ, cookie, offset, length = _HDR.unpack_from(rbuf, self._rpos)
+            self._rpos += _HDR_SIZE
+            if magic != P.REQUEST_MAGIC:
+                self.log.warning("nbd.bad_request_magic", magic=hex(magic))
+                self._close("bad request magic")
+                return
+            self._request(flags, typ, cookie, offset, length)
+            if self.inflight >= self.server.max_inflight and not self._paused:
+                self._paused = True
+                self._stop_reading()
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+        elif self._wpos > _RBUF_SIZE - _HDR_SIZE:
+            self._compact()
+
+    def _request(self, flags: int, typ: int, cookie: int, offset: int, length: int) -> None:
+        driver = self._driver
+        assert driver is not None
+        size = self._size
+        align = self._align - 1
+        self.server.stats[f"cmd{typ}"] += 1
+        if flags & ~_KNOWN_FLAGS:
+            self._error(cookie, _EINVAL, discard=length if typ == _WRITE else 0)
+            return
+        if self._shutting_down and typ != P.Cmd.DISC:
+            self._error(cookie, errno.ESHUTDOWN, discard=length if typ == _WRITE else 0)
+            return
+        fua = UBLK_IO_F_FUA if flags & _FUA else 0
+        if typ in (_READ, _WRITE):
+            write = typ == _WRITE
+            if length > P.MAX_PAYLOAD:
+                self.log.warning("nbd.oversized_request", cmd=typ, length=length)
+                self._close("oversized request")
+                return
+            err = 0
+            if length == 0 or (offset | length) & align:
+                err = _EINVAL
+            elif offset + length > size:
+                err = _ENOSPC if write else _EINVAL
+            elif write and self._ro:
+                err = _EPERM
+            if err:
+                self._error(cookie, err, discard=length if write else 0)
+                return
+            rb = self.server.buffers.acquire(length)
+            req = BlockRequest(
+                IoOp.WRITE if write else IoOp.READ,
+                offset,
+                length,
+                fua,
+                rb.view,
+                self._on_done,
+                (cookie, rb),
+                rb.lend,
+            )
+            if write:
+                self._payload = rb
+                self._payload_req = req
+                self._payload_got = 0
+                return
+            self.inflight += 1
+            driver.queue_rq(req, self._q_id)
+        elif typ == P.Cmd.FLUSH:
+            self.inflight += 1
+            driver.queue_rq(
+                BlockRequest(IoOp.FLUSH, 0, 0, 0, None, self._on_done, (cookie, None)),
+                self._q_id,
+            )
+        elif typ == P.Cmd.TRIM or typ == P.Cmd.WRITE_ZEROES:
+            zero = typ == P.Cmd.WRITE_ZEROES
+            if self._ro:
+                self._error(cookie, _EPERM)
+            elif length == 0 or (offset | length) & align:
+                self._error(cookie, _EINVAL)
+            elif offset + length > size:
+                self._error(cookie, _ENOSPC if zero else _EINVAL)
+            elif zero and flags & _FAST_ZERO:
+                self._error(cookie, errno.ENOTSUP)
+            else:
+                op = IoOp.WRITE_ZEROES if zero else IoOp.DISCARD
+                if zero and flags & _NO_HOLE:
+                    fua |= UBLK_IO_F_NOUNMAP
+                self.inflight += 1
+                driver.queue_rq(
+                    BlockRequest(op, offset, length, fua, None, self._on_done, (cookie, None)),
+                    self._q_id,
+                )
+        elif typ == P.Cmd.BLOCK_STATUS:
+            self._block_status(cookie, flags, offset, length)
+        elif typ == P.Cmd.DISC:
+            self._disc = True
+            self.close_reason = "NBD_CMD_DISC"
+            self._stop_reading()
+            self._maybe_finish()
+        else:
+            self.log.info("nbd.unknown_command", cmd=typ)
+            self._error(cookie, _EINVAL)
+
+    def _payload_complete(self) -> None:
+        req = self._payload_req
+        assert req is not None and self._driver is not None
+        self._payload = None
+        self._payload_req = None
+        self.inflight += 1
+        self._driver.queue_rq(req, self._q_id)
+
+    def _block_status(self, cookie: int, flags: int, offset: int, length: int) -> None:
+        if not (self._structured and self._meta):
+            self._error(cookie, _EINVAL)
+            return
+        if length == 0 or offset + length > self._size:
+            self._error(cookie, _EINVAL)
+            return
+        assert self._target is not None
+        try:
+            extents = self._target.extents(offset, length, bool(flags & _REQ_ONE))
+        except OSError as e:
+            self._error(cookie, P.nbd_error(e.errno or errno.EIO))
+            return
+        self._queue_out(P.block_status_reply(cookie, extents), None)
+
+    def _error(self, cookie: int, err: int, discard: int = 0) -> None:
+        self.server.stats["errors"] += 1
+        if discard:
+            if discard > P.MAX_PAYLOAD:
+                self._close("oversized request")
+                return
+            self._discard = discard
+        if self._structured:
+            self._queue_out(P.structured_error_reply(cookie, err), None)
+        else:
+            self._queue_out(P.simple_reply(cookie, err), None)
+
+    # ---- completion and send ---------------------------------------------------------------
+
+    def _on_done(self, req: BlockRequest, res: int) -> None:
+        self.inflight -= 1
+        cookie, rb = req.ctx
+        if self.closed:
+            if rb is not None:
+                self.server.buffers.release(rb)
+            return
+        is_read = req.op == _IO_READ
+        if res < 0 or (is_read and res != req.length):
+            err = P.nbd_error(res if res < 0 else -errno.EIO)
+            if rb is not None:
+                self.server.buffers.release(rb)
+            if self._structured and is_read:
+                self._queue_out(P.structured_error_reply(cookie, err), None)
+            else:
+                self._queue_out(P.simple_reply(cookie, err), None)
+        elif is_read:
+            if self._structured:
+                self._out.append((P.read_reply_header(cookie, req.offset, req.length), None))
+            else:
+                self._out.append((P.simple_reply(cookie), None))
+            self._queue_out(rb.view, rb)
+        else:
+            if rb is not None:
+                self.server.buffers.release(rb)
+            self._queue_out(P.simple_reply(cookie), None)
+        if self._paused and self.inflight < self.server.max_inflight // 2:
+            self._paused = False
+            self._loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self.closed or self._paused:
+            return
+        self._process()
+        if not self.closed and not self._disc and not self._paused and not self._reading:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _queue_out(self, data: Any, rb: ReqBuf | None) -> None:
+        self._out.append((data, rb))
+        if not self._flush_scheduled and not self._writing:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        out = self._out
+        bufs = self.server.buffers
+        while out:
+            iov = [item[0] for item in itertools.islice(out, _IOV_MAX)]
+            want = sum(len(d) for d in iov)
+            try:
+                sent = self.sock.sendmsg(iov)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._close(f"send error: {e}")
+                return
+            total = sent
+            while sent and out:
+                data, rb = out[0]
+                n = len(data)
+                if sent >= n:
+                    sent -= n
+                    out.popleft()
+                    if rb is not None:
+                        bufs.release(rb)
+                else:
+                    out[0] = (memoryview(data)[sent:], rb)
+                    sent = 0
+            if out and total < want:
+                if not self._writing:
+                    self._loop.add_writer(self._fd, self._flush)
+                    self._writing = True
+                return
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        self._maybe_finish()
+
+
+def export_from_spec(
+    name: str,
+    target: Target,
+    *,
+    read_only: bool = False,
+    nr_queues: int = 1,
+    queue_depth: int = 128,
+    block_size: int = 512,
+) -> Export:
+    """An :class:`Export` with a fresh :class:`UblkDriver` sized for ``target``."""
+    driver = UblkDriver(
+        size=target.size,
+        nr_queues=nr_queues,
+        queue_depth=queue_depth,
+        logical_block_size=block_size,
+    )
+    return Export(name, driver, target, read_only=read_only)
+
+
+OnDone = Callable[[BlockRequest, int], None]

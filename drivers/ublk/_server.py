@@ -1,0 +1,324 @@
+"""The ublk server loop: fetch requests, run the target, commit results, all on one ring.
+
+One :class:`RingHost` per process owns a :class:`aiofused.Ring` and its CQE reaper;
+each device gets a :class:`UblkServer` that arms every tag with ``FETCH_REQ`` and
+turns each fetched request into one submission chain, using the low-level API::
+
+    FUSED_CMD(SUBMIT_IO, CQE_SKIP_SUCCESS|IO_LINK) + N secondaries (CQE_SKIP_SUCCESS)
+      [-> FSYNC(CQE_SKIP_SUCCESS|IO_LINK) per file, for FUA]
+      -> COMMIT_AND_FETCH_REQ(result)
+
+so a request that succeeds costs one CQE: the next request arriving on its tag.  A
+failing member posts its own CQE and, by SPEC L4, silences the rest of the chain; the
+server then asks the target (:meth:`Target.fused_failed`) and commits itself.
+
+``user_data`` layout: ``dev u16 | kind u8 | index u8 | q_id u16 | tag u16``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from aiofused import BufDir, Cqe, DriverFile, Ring, SqeFlag
+from aiofused._log import get_logger
+
+from ._device import (
+    UBLK_IO_COMMIT_AND_FETCH_REQ,
+    UBLK_IO_FETCH_REQ,
+    UBLK_IO_FUSED_SUBMIT_IO,
+    UBLK_IO_RES_ABORT,
+    UBLK_IO_RES_OK,
+    IoDesc,
+    UblkDriver,
+    pack_io_cmd,
+)
+
+if TYPE_CHECKING:
+    from ._targets import Target
+
+__all__ = ["Ctx", "Piece", "RingHost", "UblkServer"]
+
+log = get_logger(__name__)
+
+KIND_IO: Final = 1
+KIND_FUSED: Final = 2
+KIND_SEC: Final = 3
+KIND_FSYNC: Final = 4
+KIND_ONESHOT: Final = 5
+
+_SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
+_SKIP_LINK: Final = int(SqeFlag.CQE_SKIP_SUCCESS | SqeFlag.IO_LINK)
+IORING_FSYNC_DATASYNC: Final = 1
+_DEST: Final = int(BufDir.DEST)
+
+
+def _ud(dev: int, kind: int, index: int, q_id: int, tag: int) -> int:
+    return (dev << 48) | (kind << 40) | (index << 32) | (q_id << 16) | tag
+
+
+@dataclasses.dataclass(slots=True)
+class Piece:
+    """One secondary: ``nbytes`` at ``file_offset`` of ``fd`` <-> ``at`` in the request
+    buffer.  ``label`` is the target's own tag for it (e.g. a replica index)."""
+
+    fd: int
+    file_offset: int
+    at: int
+    nbytes: int
+    label: int = 0
+
+
+class Ctx:
+    """Per-tag context a target works with while it owns the tag's request."""
+
+    __slots__ = ("attempt", "failed", "iod", "q_id", "scratch", "server", "tag")
+
+    def __init__(self, server: UblkServer, q_id: int, tag: int, iod: IoDesc) -> None:
+        self.server = server
+        self.q_id = q_id
+        self.tag = tag
+        self.iod = iod
+        #: (label, res) of the secondaries that failed in the last fused submit.
+        self.failed: list[tuple[int, int]] = []
+        self.attempt = 0
+        self.scratch: Any = None
+
+    def fused(
+        self,
+        buf_dir: BufDir,
+        pieces: Sequence[Piece],
+        fsync_fds: Sequence[int] = (),
+        result: int | None = None,
+    ) -> None:
+        """Submit one fused command over ``pieces`` then commit (see module doc)."""
+        self.server.submit_fused(self, buf_dir, pieces, fsync_fds, result)
+
+    def fsync_then_commit(self, fds: Sequence[int], result: int = 0) -> None:
+        """FSYNC every fd, then commit ``result``."""
+        self.server.submit_fsync(self, fds, result)
+
+    def commit(self, result: int) -> None:
+        """Commit ``result`` for this tag's request and fetch the next."""
+        self.server.submit_commit(self, result)
+
+
+class RingHost:
+    """A ring plus its single CQE reaper, shared by every device of a process."""
+
+    def __init__(self, ring: Ring, entries: int) -> None:
+        self.ring = ring
+        self.entries = entries
+        self._servers: dict[int, UblkServer] = {}
+        self._queued = 0
+        self._kick_pending = False
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._reap(), name="ublk-reaper")
+
+    def add(self, server: UblkServer) -> None:
+        self._servers[server.dev_id] = server
+
+    def remove(self, server: UblkServer) -> None:
+        self._servers.pop(server.dev_id, None)
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` consecutive SQEs in the SQ."""
+        if self._queued + n > self.entries:
+            self.flush()
+
+    def sqe(self) -> Any:
+        sqe = self.ring.get_sqe()
+        if sqe is None:
+            self.flush()
+            sqe = self.ring.get_sqe()
+            if sqe is None:
+                raise RuntimeError("submission queue full after submit")
+        self._queued += 1
+        return sqe
+
+    def flush(self) -> None:
+        """Submit everything prepared so far."""
+        while self._queued:
+            n = self.ring.submit()
+            if n <= 0:
+                break
+            self._queued -= n
+        self._queued = max(self._queued, 0)
+
+    def kick(self) -> None:
+        """Submit at the end of this loop iteration (for SQEs prepared outside the reaper)."""
+        if not self._kick_pending:
+            self._kick_pending = True
+            self._loop.call_soon(self._kicked)
+
+    def _kicked(self) -> None:
+        self._kick_pending = False
+        self.flush()
+
+    async def _reap(self) -> None:
+        ring = self.ring
+        servers = self._servers
+        while True:
+            cqe: Cqe | None = await ring.wait_cqe()
+            while cqe is not None:
+                ring.cqe_seen(cqe)
+                server = servers.get(cqe.user_data >> 48)
+                if server is None:
+                    log.debug("ublk.cqe_orphan", user_data=cqe.user_data, res=cqe.res)
+                else:
+                    try:
+                        server.on_cqe(cqe)
+                    except Exception:
+                        log.exception("ublk.cqe_handler_failed", user_data=cqe.user_data)
+                cqe = ring.peek_cqe()
+            self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class UblkServer:
+    """Serves one :class:`UblkDriver` with one target through a :class:`RingHost`."""
+
+    def __init__(self, host: RingHost, driver: UblkDriver, target: Target, dev_id: int) -> None:
+        self.host = host
+        self.driver = driver
+        self.target = target
+        self.dev_id = dev_id
+        self.dfile: DriverFile = host.ring.register_driver(driver)
+        self._ctx = [
+            [Ctx(self, q, t, driver.iod(q, t)) for t in range(driver.queue_depth)]
+            for q in range(driver.nr_queues)
+        ]
+        self._armed = 0
+        self._all_aborted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        host.add(self)
+
+    def start(self) -> None:
+        """Arm every tag of every queue with FETCH_REQ."""
+        host = self.host
+        for q in range(self.driver.nr_queues):
+            for tag in range(self.driver.queue_depth):
+                host.reserve(1)
+                sqe = host.sqe()
+                sqe.prep_uring_cmd(self.dfile, UBLK_IO_FETCH_REQ, pack_io_cmd(q, tag))
+                sqe.user_data = _ud(self.dev_id, KIND_IO, 0, q, tag)
+                self._armed += 1
+        host.flush()
+
+    async def stop(self) -> None:
+        """Stop the device and wait until every tag reported ABORT."""
+        self.driver.stop()
+        if self._armed:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_aborted), 10)
+            except TimeoutError:
+                log.warning("ublk.stop_timeout", armed=self._armed)
+        self.host.remove(self)
+
+    # ---- CQEs -----------------------------------------------------------------------
+
+    def on_cqe(self, cqe: Cqe) -> None:
+        ud = cqe.user_data
+        kind = (ud >> 40) & 0xFF
+        q_id = (ud >> 16) & 0xFFFF
+        tag = ud & 0xFFFF
+        res = cqe.res
+        if kind == KIND_IO:
+            if res == UBLK_IO_RES_OK:
+                ctx = self._ctx[q_id][tag]
+                ctx.attempt = 0
+                ctx.failed.clear()
+                try:
+                    self.target.handle(ctx)
+                except Exception:
+                    log.exception("ublk.target_failed", q_id=q_id, tag=tag)
+                    ctx.commit(-errno.EIO)
+                return
+            self._armed -= 1
+            if res not in (UBLK_IO_RES_ABORT, -errno.ECANCELED):
+                log.error("ublk.io_cmd_failed", q_id=q_id, tag=tag, res=res)
+            if self._armed == 0 and not self._all_aborted.done():
+                self._all_aborted.set_result(None)
+            return
+        ctx = self._ctx[q_id][tag]
+        if kind == KIND_SEC:
+            ctx.failed.append(((ud >> 32) & 0xFF, res))
+        elif kind == KIND_FUSED:
+            try:
+                self.target.fused_failed(ctx, res)
+            except Exception:
+                log.exception("ublk.target_failed", q_id=q_id, tag=tag)
+                ctx.commit(-errno.EIO)
+        elif kind == KIND_FSYNC:
+            log.warning("ublk.fsync_failed", q_id=q_id, tag=tag, res=res)
+            ctx.commit(res)
+
+    # ---- submissions ----------------------------------------------------------------
+
+    def submit_fused(
+        self,
+        ctx: Ctx,
+        buf_dir: BufDir,
+        pieces: Sequence[Piece],
+        fsync_fds: Sequence[int],
+        result: int | None,
+    ) -> None:
+        host = self.host
+        n = len(pieces)
+        dev, q_id, tag = self.dev_id, ctx.q_id, ctx.tag
+        expected = pieces[0].nbytes if n == 1 else sum(p.nbytes for p in pieces)
+        host.reserve(n + len(fsync_fds) + 2)
+        ctx.failed.clear()
+        sqe = host.sqe()
+        sqe.prep_fused_cmd(self.dfile, UBLK_IO_FUSED_SUBMIT_IO, n, pack_io_cmd(q_id, tag, expected))
+        sqe.flags |= _SKIP_LINK
+        sqe.user_data = _ud(dev, KIND_FUSED, 0, q_id, tag)
+        dest = buf_dir == _DEST
+        for p in pieces:
+            s = host.sqe()
+            if dest:
+                s.prep_read(p.fd, p.at, p.nbytes, p.file_offset)
+            else:
+                s.prep_write(p.fd, p.at, p.nbytes, p.file_offset)
+            s.flags |= _SKIP
+            s.user_data = _ud(dev, KIND_SEC, p.label, q_id, tag)
+        for fd in fsync_fds:
+            s = host.sqe()
+            s.prep_fsync(fd, IORING_FSYNC_DATASYNC)
+            s.flags |= _SKIP_LINK
+            s.user_data = _ud(dev, KIND_FSYNC, 0, q_id, tag)
+        self._prep_commit(ctx, ctx.iod.nr_bytes if result is None else result)
+
+    def submit_fsync(self, ctx: Ctx, fds: Sequence[int], result: int) -> None:
+        host = self.host
+        host.reserve(len(fds) + 1)
+        for fd in fds:
+            s = host.sqe()
+            s.prep_fsync(fd)
+            s.flags |= _SKIP_LINK
+            s.user_data = _ud(self.dev_id, KIND_FSYNC, 0, ctx.q_id, ctx.tag)
+        self._prep_commit(ctx, result)
+
+    def submit_commit(self, ctx: Ctx, result: int) -> None:
+        self.host.reserve(1)
+        self._prep_commit(ctx, result)
+
+    def _prep_commit(self, ctx: Ctx, result: int) -> None:
+        sqe = self.host.sqe()
+        sqe.prep_uring_cmd(
+            self.dfile, UBLK_IO_COMMIT_AND_FETCH_REQ, pack_io_cmd(ctx.q_id, ctx.tag, result)
+        )
+        sqe.user_data = _ud(self.dev_id, KIND_IO, 0, ctx.q_id, ctx.tag)
+        self.host.kick()

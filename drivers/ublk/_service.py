@@ -1,0 +1,181 @@
+"""Wiring: a ring, one ublk device + server + target per export, and the NBD front end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+
+from aiofused import Ring, SetupFlag
+from aiofused._buffers import BufferPool
+from aiofused._log import get_logger
+
+from ._nbd import Export, NbdServer, export_from_spec
+from ._reqbuf import RequestBuffers
+from ._server import RingHost, UblkServer
+from ._targets import Target, make_target
+
+__all__ = ["BlockService", "ExportSpec", "parse_export"]
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportSpec:
+    """``NAME=TARGET:ARGS`` from the command line."""
+
+    name: str
+    target: str
+    read_only: bool = False
+
+
+def parse_export(text: str, read_only: bool = False) -> ExportSpec:
+    """Parse ``NAME=KIND:ARGS`` (``NAME`` may be empty: the default export)."""
+    name, sep, target = text.partition("=")
+    if not sep or (":" not in target and target not in ("null",)):
+        raise ValueError(f"export {text!r}: expected NAME=TARGET:ARGS")
+    return ExportSpec(name, target, read_only)
+
+
+class BlockService:
+    """Everything ``aiofused nbd serve`` runs, as an async context manager.
+
+    ``specs`` are exports; ``targets`` may hold ready-made targets instead (tests).
+    Inside the block, :attr:`nbd` is the :class:`NbdServer`; call ``serve`` on it with
+    a listening socket.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ExportSpec] = (),
+        *,
+        targets: Sequence[tuple[str, Target, bool]] = (),
+        backend: str = "auto",
+        queue_depth: int = 128,
+        nr_queues: int = 1,
+        entries: int = 4096,
+        block_size: int = 512,
+        max_inflight: int = 256,
+        pool_buffers: int = 256,
+        pool_buffer_size: int = 256 * 1024,
+    ) -> None:
+        self._specs = list(specs)
+        self._given = list(targets)
+        self.backend = backend
+        self.queue_depth = queue_depth
+        self.nr_queues = nr_queues
+        self.entries = entries
+        self.block_size = block_size
+        self.max_inflight = max_inflight
+        self.ring: Ring | None = None
+        self.host: RingHost | None = None
+        self.servers: list[UblkServer] = []
+        self.targets: list[Target] = []
+        self.exports: list[Export] = []
+        self.pool_buffers = pool_buffers
+        self.pool_buffer_size = pool_buffer_size
+        self.pool: BufferPool | None = None
+        self.buffers = RequestBuffers()
+        self._nbd: NbdServer | None = None
+
+    @property
+    def nbd(self) -> NbdServer:
+        assert self._nbd is not None, "use BlockService as an async context manager"
+        return self._nbd
+
+    async def __aenter__(self) -> BlockService:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        entries = self.entries
+        self.ring = Ring(entries, flags=SetupFlag.FUSED_REQ, backend=self.backend)
+        if self.pool_buffers > 0:
+            # Request buffers from a registered pool: fixed-buffer secondaries.
+            self.pool = BufferPool(self.pool_buffers, self.pool_buffer_size)
+            self.ring.register_buffers(self.pool)
+            self.buffers = RequestBuffers(pool=self.pool)
+        self.host = RingHost(self.ring, self.ring.sq_entries)
+        self.host.start()
+        items: list[tuple[str, Target, bool]] = list(self._given)
+        for spec in self._specs:
+            target = make_target(spec.target, spec.read_only)
+            self.targets.append(target)
+            items.append((spec.name, target, spec.read_only))
+        for dev_id, (name, target, ro) in enumerate(items, start=1):
+            exp = export_from_spec(
+                name,
+                target,
+                read_only=ro,
+                nr_queues=self.nr_queues,
+                queue_depth=self.queue_depth,
+                block_size=self.block_size,
+            )
+            server = UblkServer(self.host, exp.driver, target, dev_id)
+            server.start()
+            self.servers.append(server)
+            self.exports.append(exp)
+            log.info(
+                "ublk.device_added",
+                dev_id=dev_id,
+                export=name,
+                target=target.describe(),
+                size=target.size,
+                read_only=exp.read_only,
+                backend=self.ring.backend,
+            )
+        self._nbd = NbdServer(self.exports, self.buffers, max_inflight=self.max_inflight)
+
+    def serve(self, listener: socket.socket) -> None:
+        self.nbd.serve(listener)
+
+    async def aclose(self) -> None:
+        if self._nbd is not None:
+            await self._nbd.close()
+        for server in self.servers:
+            await server.stop()
+        self.servers.clear()
+        if self.host is not None:
+            await self.host.close()
+            self.host = None
+        if self.ring is not None:
+            try:
+                await asyncio.wait_for(self.ring.close(), 15)
+            except TimeoutError:
+                log.error("ublk.ring_close_timeout", in_flight=self.ring.in_flight())
+            self.ring = None
+        for target in self.targets:
+            with contextlib.suppress(OSError):
+                target.close()
+        self.targets.clear()
+        self.buffers.clear()
+        if self.pool is not None:
+            try:
+                self.pool.close()
+            except RuntimeError as e:  # a buffer still out: keep the mapping alive
+                log.error("ublk.pool_close_failed", error=str(e))
+            self.pool = None
+
+    def leaks(self) -> dict[str, int]:
+        """Counters that must be 0 once the clients are gone (for tests)."""
+        return {
+            "buffers": self.buffers.outstanding,
+            "lent": sum(e.driver.lent for e in self.exports),
+            "inflight": sum(e.driver.inflight for e in self.exports),
+            "connections": len(self.nbd.connections) if self._nbd else 0,
+        }

@@ -1,0 +1,533 @@
+"""Targets: what a ublk server does with each request.  Data always moves through
+fused commands on the request's own buffer.
+
+``null``    READ fills the buffer from ``/dev/zero``, WRITE goes to ``/dev/null``
+``loop``    one backing file
+``mirror``  N backing files: a WRITE is one primary with N secondaries, a READ goes
+            to one healthy replica (round robin); a failed replica is logged and taken
+            out of service, the request is retried on the others
+``linear``  the "generic lvm": logical extents mapped to (file, offset) in a mapping
+            store (SQLite by default, :mod:`._mapping`), cached in memory and
+            consulted before the fused command; unmapped ranges read as zeroes
+            (a fused READ from ``/dev/zero`` into that part of the buffer) and are
+            allocated on first write
+
+Targets are built from a spec string ``KIND:ARGS`` by :func:`make_target`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+from aiofused import BufDir
+from aiofused._log import get_logger
+
+from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, IoOp
+from ._mapping import MappingStore, SqliteMappingStore
+from ._server import Ctx, Piece
+
+__all__ = [
+    "LinearTarget",
+    "LoopTarget",
+    "MirrorTarget",
+    "NullTarget",
+    "Target",
+    "make_target",
+    "parse_size",
+]
+
+log = get_logger(__name__)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: base:allocation flags.
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_fallocate.restype = ctypes.c_int
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def parse_size(text: str) -> int:
+    """``"64M"`` -> 67108864 (K, M, G, T, binary)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for i, suffix in enumerate("KMGT", start=1):
+        if text.endswith(suffix):
+            mult = 1024**i
+            text = text[:-1]
+            break
+    value = int(text) * mult
+    if value < 0:
+        raise ValueError("size must be >= 0")
+    return value
+
+
+def _falloc(fd: int, mode: int, offset: int, length: int) -> int:
+    if _fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return -ctypes.get_errno()
+
+
+def zero_range(fd: int, offset: int, length: int, may_trim: bool) -> None:
+    """Make ``[offset, offset+length)`` of ``fd`` read as zeroes."""
+    if length <= 0:
+        return
+    if may_trim and _falloc(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    if _falloc(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    end = offset + length
+    while offset < end:
+        n = os.pwrite(fd, memoryview(_ZERO_CHUNK)[: min(len(_ZERO_CHUNK), end - offset)], offset)
+        offset += n
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Discard: a hint, errors ignored."""
+    if length > 0:
+        _falloc(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def file_extents(fd: int, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+    """base:allocation extents of a file region from SEEK_DATA/SEEK_HOLE."""
+    out: list[tuple[int, int]] = []
+    end = offset + length
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                return [(length, 0)]
+            data = end
+        if data > pos:
+            out.append((min(data, end) - pos, STATE_HOLE | STATE_ZERO))
+            pos = min(data, end)
+            if req_one:
+                break
+            continue
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        hole = max(min(hole, end), pos + 1)
+        out.append((hole - pos, 0))
+        pos = hole
+        if req_one or len(out) >= 1024:
+            break
+    return out
+
+
+def _open_rw(path: str, read_only: bool) -> int:
+    return os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+
+
+class Target:
+    """Base class: the default ``handle`` maps READ/WRITE through :meth:`pieces`."""
+
+    kind: ClassVar[str] = ""
+    #: Safe to serve the same export from several worker processes.
+    multi_process: ClassVar[bool] = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.read_only = False
+
+    # hooks
+    def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
+        raise NotImplementedError
+
+    def flush_fds(self) -> Sequence[int]:
+        return ()
+
+    def discard(self, offset: int, length: int) -> None:
+        """TRIM; default: nothing (a hint)."""
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        raise NotImplementedError
+
+    def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+        return [(length, 0)]
+
+    def close(self) -> None:
+        """Release files."""
+
+    def describe(self) -> str:
+        return self.kind
+
+    # request handling
+    def handle(self, ctx: Ctx) -> None:
+        iod = ctx.iod
+        op = iod.op
+        fua = bool(iod.flags & UBLK_IO_F_FUA)
+        if op == IoOp.READ:
+            ctx.fused(BufDir.DEST, self.pieces(ctx, False))
+        elif op == IoOp.WRITE:
+            ctx.fused(BufDir.SRC, self.pieces(ctx, True), self.flush_fds() if fua else ())
+        elif op == IoOp.FLUSH:
+            fds = self.flush_fds()
+            if fds:
+                ctx.fsync_then_commit(fds)
+            else:
+                ctx.commit(0)
+        elif op in (IoOp.DISCARD, IoOp.WRITE_ZEROES):
+            try:
+                if op == IoOp.DISCARD:
+                    self.discard(iod.start, iod.nr_bytes)
+                else:
+                    self.write_zeroes(iod.start, iod.nr_bytes, not (iod.flags & UBLK_IO_F_NOUNMAP))
+            except OSError as e:
+                ctx.commit(-(e.errno or errno.EIO))
+                return
+            fds = self.flush_fds() if fua else ()
+            if fds:
+                ctx.fsync_then_commit(fds)
+            else:
+                ctx.commit(0)
+        else:
+            ctx.commit(-errno.EOPNOTSUPP)
+
+    def fused_failed(self, ctx: Ctx, res: int) -> None:
+        """The fused submit failed (``ctx.failed`` lists failed secondaries)."""
+        log.warning("ublk.io_error", target=self.kind, op=ctx.iod.op, offset=ctx.iod.start, res=res)
+        ctx.commit(res)
+
+
+class NullTarget(Target):
+    """Discards writes, reads zeroes; still moves data through fused commands."""
+
+    kind = "null"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        self._null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+
+    def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
+        return [Piece(self._null if write else self._zero, 0, 0, ctx.iod.nr_bytes)]
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        pass
+
+    def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+        return [(length, STATE_HOLE | STATE_ZERO)]
+
+    def close(self) -> None:
+        os.close(self._zero)
+        os.close(self._null)
+
+
+class LoopTarget(Target):
+    """One backing file."""
+
+    kind = "loop"
+
+    def __init__(self, path: str, size: int | None = None, read_only: bool = False) -> None:
+        fd = _open_rw(path, read_only)
+        real = os.fstat(fd).st_size
+        super().__init__(real if size is None else size)
+        if size is not None and size > real and not read_only:
+            os.ftruncate(fd, size)
+        self.path = path
+        self.fd = fd
+        self._fds = (fd,)
+
+    def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
+        iod = ctx.iod
+        return [Piece(self.fd, iod.start, 0, iod.nr_bytes)]
+
+    def flush_fds(self) -> Sequence[int]:
+        return self._fds
+
+    def discard(self, offset: int, length: int) -> None:
+        punch(self.fd, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        zero_range(self.fd, offset, length, may_trim)
+
+    def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+        return file_extents(self.fd, offset, length, req_one)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def describe(self) -> str:
+        return f"loop {self.path}"
+
+
+class MirrorTarget(Target):
+    """RAID-1 over N files; see the module doc."""
+
+    kind = "mirror"
+    multi_process = False
+
+    def __init__(self, paths: Sequence[str], size: int | None = None) -> None:
+        if not paths:
+            raise ValueError("mirror needs at least one replica")
+        if len(paths) > 64:
+            raise ValueError("mirror supports at most 64 replicas")
+        self.paths = list(paths)
+        self.fds = [_open_rw(p, False) for p in paths]
+        sizes = [os.fstat(fd).st_size for fd in self.fds]
+        if size is None:
+            size = min(sizes)
+        for fd, s in zip(self.fds, sizes, strict=True):
+            if s < size:
+                os.ftruncate(fd, size)
+        super().__init__(size)
+        self.healthy = list(range(len(paths)))
+        self._rr = 0
+
+    def _fail(self, label: int, res: int) -> None:
+        if label in self.healthy:
+            self.healthy.remove(label)
+            log.error(
+                "ublk.mirror_replica_failed",
+                replica=label,
+                path=self.paths[label],
+                error=os.strerror(-res) if res < 0 else f"short transfer ({res})",
+                healthy=len(self.healthy),
+            )
+
+    def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
+        iod = ctx.iod
+        if write:
+            return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r) for r in self.healthy]
+        self._rr = (self._rr + 1) % len(self.healthy)
+        r = self.healthy[self._rr]
+        return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r)]
+
+    def handle(self, ctx: Ctx) -> None:
+        if not self.healthy:
+            ctx.commit(-errno.EIO)
+            return
+        super().handle(ctx)
+
+    def fused_failed(self, ctx: Ctx, res: int) -> None:
+        iod = ctx.iod
+        failed = {label for label, _ in ctx.failed}
+        for label, r in ctx.failed:
+            self._fail(label, r)
+        if not failed:
+            # The primary failed without a failing secondary: a short transfer.
+            # Take no replica out blindly; retry the whole request once.
+            ctx.attempt += 1
+            if ctx.attempt > len(self.paths):
+                ctx.commit(res)
+                return
+            self.handle(ctx)
+            return
+        if iod.op == IoOp.WRITE:
+            # Secondaries that did not fail have written: good if any replica is left.
+            if self.healthy:
+                if iod.flags & UBLK_IO_F_FUA:
+                    ctx.fsync_then_commit([self.fds[r] for r in self.healthy], iod.nr_bytes)
+                else:
+                    ctx.commit(iod.nr_bytes)
+            else:
+                ctx.commit(res)
+            return
+        # READ: retry on another healthy replica.
+        if self.healthy:
+            self.handle(ctx)
+        else:
+            ctx.commit(res)
+
+    def flush_fds(self) -> Sequence[int]:
+        return [self.fds[r] for r in self.healthy]
+
+    def discard(self, offset: int, length: int) -> None:
+        for r in self.healthy:
+            punch(self.fds[r], offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        for r in list(self.healthy):
+            try:
+                zero_range(self.fds[r], offset, length, may_trim)
+            except OSError as e:
+                self._fail(r, -(e.errno or errno.EIO))
+        if not self.healthy:
+            raise OSError(errno.EIO, "no healthy replica")
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+    def describe(self) -> str:
+        return f"mirror x{len(self.paths)}"
+
+
+class LinearTarget(Target):
+    """Logical extents -> (physical volume file, offset) through a mapping store."""
+
+    kind = "linear"
+    multi_process = False
+    MIN_EXTENT = 1 << 20
+
+    def __init__(self, store: MappingStore) -> None:
+        super().__init__(store.size)
+        self.store = store
+        self.extent = store.extent_size
+        if self.extent < self.MIN_EXTENT or self.extent & (self.extent - 1):
+            raise ValueError("extent size must be a power of two >= 1 MiB")
+        self._shift = self.extent.bit_length() - 1
+        self.pv_fds = [_open_rw(p, False) for p in store.pv_paths]
+        self._zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+        #: le -> (pv, pe); a value of None caches "unmapped".
+        self._cache: dict[int, tuple[int, int] | None] = {}
+
+    def lookup(self, le: int) -> tuple[int, int] | None:
+        try:
+            return self._cache[le]
+        except KeyError:
+            m = self.store.lookup(le)
+            self._cache[le] = m
+            return m
+
+    def _allocate(self, le: int) -> tuple[int, int]:
+        m = self.store.allocate(le)
+        self._cache[le] = m
+        return m
+
+    def _walk(self, start: int, length: int) -> list[tuple[int, int, int]]:
+        """Split into (le, offset_in_extent, nbytes)."""
+        out = []
+        pos, end, ext = start, start + length, self.extent
+        while pos < end:
+            le = pos >> self._shift
+            off = pos - (le << self._shift)
+            n = min(ext - off, end - pos)
+            out.append((le, off, n))
+            pos += n
+        return out
+
+    def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
+        iod = ctx.iod
+        out: list[Piece] = []
+        at = 0
+        for le, off, n in self._walk(iod.start, iod.nr_bytes):
+            m = self.lookup(le)
+            if m is None and write:
+                m = self._allocate(le)
+            if m is None:
+                fd, foff = self._zero, 0
+            else:
+                fd, foff = self.pv_fds[m[0]], (m[1] << self._shift) + off
+            prev = out[-1] if out else None
+            if (
+                prev is not None
+                and prev.fd == fd
+                and (fd == self._zero or prev.file_offset + prev.nbytes == foff)
+            ):
+                prev.nbytes += n
+            else:
+                out.append(Piece(fd, foff, at, n))
+            at += n
+        return out
+
+    def handle(self, ctx: Ctx) -> None:
+        try:
+            super().handle(ctx)
+        except OSError as e:
+            ctx.commit(-(e.errno or errno.EIO))
+
+    def flush_fds(self) -> Sequence[int]:
+        return self.pv_fds
+
+    def _mapped(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        out = []
+        for le, off, n in self._walk(offset, length):
+            m = self.lookup(le)
+            if m is not None:
+                out.append((self.pv_fds[m[0]], (m[1] << self._shift) + off, n))
+        return out
+
+    def discard(self, offset: int, length: int) -> None:
+        for fd, foff, n in self._mapped(offset, length):
+            punch(fd, foff, n)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        for fd, foff, n in self._mapped(offset, length):
+            zero_range(fd, foff, n, may_trim)
+
+    def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for le, _off, n in self._walk(offset, length):
+            state = 0 if self.lookup(le) is not None else STATE_HOLE | STATE_ZERO
+            if out and out[-1][1] == state:
+                out[-1] = (out[-1][0] + n, state)
+            else:
+                if req_one and out:
+                    break
+                out.append((n, state))
+        return out
+
+    def close(self) -> None:
+        for fd in self.pv_fds:
+            os.close(fd)
+        os.close(self._zero)
+        self.store.close()
+
+    def describe(self) -> str:
+        return f"linear {len(self.pv_fds)} PVs, extent {self.extent}"
+
+
+def _split_args(args: str) -> tuple[list[str], dict[str, list[str]]]:
+    positional: list[str] = []
+    named: dict[str, list[str]] = {}
+    for item in filter(None, args.split(",")):
+        key, sep, value = item.partition("=")
+        if sep and key.isidentifier():
+            named.setdefault(key, []).append(value)
+        else:
+            positional.append(item)
+    return positional, named
+
+
+def make_target(spec: str, read_only: bool = False) -> Target:
+    """Build a target from ``KIND:ARGS``.
+
+    ``null:size=1G`` | ``loop:PATH[,size=S]`` | ``mirror:PATH,PATH[,...][,size=S]`` |
+    ``linear:DB[,pv=PATH]...[,size=S][,extent=S]`` (the PVs, size and extent size are
+    recorded in the database the first time and read back afterwards).
+    """
+    kind, _, args = spec.partition(":")
+    pos, named = _split_args(args)
+    size = parse_size(named["size"][-1]) if "size" in named else None
+    target: Target
+    if kind == "null":
+        target = NullTarget(size if size is not None else parse_size(pos[0] if pos else "1G"))
+    elif kind == "loop":
+        path = named.get("path", pos)[0] if (pos or "path" in named) else ""
+        if not path:
+            raise ValueError("loop needs a backing file: loop:PATH")
+        target = LoopTarget(path, size, read_only)
+    elif kind == "mirror":
+        paths = pos + named.get("replica", [])
+        target = MirrorTarget(paths, size)
+    elif kind == "linear":
+        db = named.get("db", pos)[0] if (pos or "db" in named) else ""
+        if not db:
+            raise ValueError("linear needs a mapping database: linear:DB,pv=FILE,...")
+        store = SqliteMappingStore(
+            db,
+            pv_paths=named.get("pv", pos[1:]),
+            size=size,
+            extent_size=parse_size(named["extent"][-1]) if "extent" in named else None,
+        )
+        target = LinearTarget(store)
+    else:
+        raise ValueError(f"unknown target {kind!r} (null, loop, mirror, linear)")
+    target.read_only = read_only
+    return target

@@ -1,0 +1,268 @@
+"""``aiofused nbd serve``: serve ublk-style block devices to NBD clients.
+
+Hook for the main CLI::
+
+    from aiofused_drivers.ublk.cli import add_parser
+    add_parser(subparsers)          # registers "nbd" (with "serve"); sets func=run
+    ...
+    args = parser.parse_args(argv); return args.func(args)
+
+``python -m aiofused_drivers.ublk.cli nbd serve ...`` works on its own too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiofused._log import configure_logging, get_logger
+
+from ._nbd import NbdServer
+from ._service import BlockService, ExportSpec, parse_export
+from ._targets import LinearTarget, MirrorTarget, parse_size
+
+__all__ = ["add_parser", "main", "run"]
+
+log = get_logger(__name__)
+
+_SINGLE_PROCESS = {"mirror": MirrorTarget, "linear": LinearTarget}
+
+EPILOG = """\
+targets:
+  null:SIZE | null:size=SIZE            zeroes in, writes discarded
+  loop:PATH[,size=SIZE]                 one backing file
+  mirror:PATH,PATH[,...]                RAID-1 over N files
+  linear:DB,pv=FILE[,pv=FILE...][,size=SIZE][,extent=SIZE]
+                                        extents mapped in an SQLite table (created
+                                        on first use, read back afterwards)
+example:
+  aiofused nbd serve --export disk=loop:disk.img --socket /tmp/nbd.sock
+  nbdinfo 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``nbd serve`` on an argparse subparsers object; returns the ``nbd`` parser."""
+    nbd: argparse.ArgumentParser = subparsers.add_parser(
+        "nbd", help="serve ublk-style block devices over NBD"
+    )
+    nbd_sub = nbd.add_subparsers(dest="nbd_command", required=True)
+    serve = nbd_sub.add_parser(
+        "serve",
+        help="serve exports to NBD clients",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--export",
+        "-e",
+        action="append",
+        required=True,
+        metavar="NAME=TARGET:ARGS",
+        help="an export (repeat for several; the first is the default export)",
+    )
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", "-U", metavar="PATH", help="listen on a unix socket")
+    where.add_argument("--listen", "-l", metavar="HOST:PORT", help="listen on TCP")
+    serve.add_argument("--read-only", "-r", action="store_true", help="all exports read-only")
+    serve.add_argument("--workers", "-w", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--backend", default="auto", choices=("auto", "uring", "asyncio"))
+    serve.add_argument("--queue-depth", type=int, default=128, help="tags per queue")
+    serve.add_argument("--queues", type=int, default=1, help="hardware queues per device")
+    serve.add_argument("--block-size", type=int, default=512, help="minimum block size advertised")
+    serve.add_argument(
+        "--pool-buffers",
+        type=int,
+        default=256,
+        help="request buffers in the ring's registered pool (0: none)",
+    )
+    serve.add_argument(
+        "--pool-buffer-size",
+        default="256K",
+        help="size of one pool buffer; bigger requests use unregistered buffers",
+    )
+    serve.add_argument(
+        "--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="event loop"
+    )
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", default="console", choices=("console", "json"))
+    serve.set_defaults(func=run)
+    return nbd
+
+
+def _bind(args: argparse.Namespace) -> socket.socket:
+    if args.socket:
+        return NbdServer.bind_unix(args.socket)
+    host, _, port = args.listen.rpartition(":")
+    return NbdServer.bind_tcp(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``nbd serve``: returns the exit status."""
+    configure_logging(args.log_level, args.log_format)
+    try:
+        specs = [parse_export(e, args.read_only) for e in args.export]
+    except ValueError as e:
+        log.error("nbd.bad_export", error=str(e))
+        return 2
+    if args.workers < 1:
+        log.error("nbd.bad_workers", workers=args.workers)
+        return 2
+    if args.workers > 1:
+        single = [s.name for s in specs if s.target.partition(":")[0] in _SINGLE_PROCESS]
+        if single:
+            log.error(
+                "nbd.workers_unsupported",
+                exports=single,
+                reason="mirror and linear keep per-process state; use --workers 1",
+            )
+            return 2
+    try:
+        listener = _bind(args)
+    except OSError as e:
+        log.error("nbd.bind_failed", error=str(e))
+        return 1
+    where = args.socket or args.listen
+    if args.workers == 1:
+        return _run_worker(listener, specs, args, where)
+    return _prefork(listener, specs, args, where)
+
+
+def _run_worker(
+    listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
+) -> int:
+    use_uvloop = args.loop == "uvloop"
+    if args.loop == "auto":
+        try:
+            import uvloop
+
+            use_uvloop = True
+        except ImportError:
+            use_uvloop = False
+    coro = _serve(listener, specs, args, where)
+    try:
+        if use_uvloop:
+            import uvloop
+
+            return int(uvloop.run(coro))
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(
+    listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal while shutting down: give up at once
+            log.warning("nbd.forced_exit")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        service = BlockService(
+            specs,
+            backend=args.backend,
+            queue_depth=args.queue_depth,
+            nr_queues=args.queues,
+            block_size=args.block_size,
+            pool_buffers=args.pool_buffers,
+            pool_buffer_size=parse_size(args.pool_buffer_size),
+        )
+        async with service:
+            service.serve(listener)
+            log.info(
+                "nbd.listening",
+                address=where,
+                exports=[s.name for s in specs],
+                pid=os.getpid(),
+                loop=type(loop).__module__.split(".")[0],
+            )
+            await stop.wait()
+            log.info("nbd.shutting_down", connections=len(service.nbd.connections))
+    except (OSError, ValueError) as e:
+        log.error("nbd.start_failed", error=str(e))
+        listener.close()
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("nbd.stopped")
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Linux ``PR_SET_PDEATHSIG``: a worker gets SIGTERM if the parent dies."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        log.debug("nbd.pdeathsig_unavailable")
+
+
+def _prefork(
+    listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
+) -> int:
+    """Fork ``--workers`` processes sharing the listening socket; forward SIGTERM/SIGINT."""
+    children: list[int] = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
+            code = 1
+            try:
+                code = _run_worker(listener, specs, args, where)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    listener.close()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, st = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(st)
+        status = status or (code if code > 0 else 0)
+    if args.socket:
+        with contextlib.suppress(OSError):
+            os.unlink(args.socket)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry: ``python -m aiofused_drivers.ublk.cli nbd serve ...``."""
+    parser = argparse.ArgumentParser(prog="aiofused")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""``nbd serve`` as a process: unix and TCP sockets, named and read-only exports,
+several workers, structured logs, clean shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+
+import pytest
+from aiofused_drivers.ublk.testing import missing_tools, run_client, short_tmpdir, uri
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+_reason = missing_tools("nbdinfo", "qemu-io")
+requires_clients = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+CLI = [sys.executable, "-m", "aiofused_drivers.ublk.cli", "nbd", "serve"]
+
+
+class Server:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            _, err = await asyncio.wait_for(self.proc.communicate(), 20)
+        except TimeoutError:
+            self.proc.kill()
+            _, err = await self.proc.communicate()
+            raise AssertionError("server did not stop on SIGTERM") from None
+        return self.proc.returncode or 0, err.decode(errors="replace")
+
+
+async def start(*args: str, wait_for: str | tuple[str, int]) -> Server:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while loop.time() < deadline:
+        if proc.returncode is not None:
+            _, err = await proc.communicate()
+            raise AssertionError(f"server exited {proc.returncode}: {err.decode()[-2000:]}")
+        if isinstance(wait_for, str):
+            if os.path.exists(wait_for):
+                break
+        else:
+            with socket.socket() as s:
+                if s.connect_ex(wait_for) == 0:
+                    break
+        await asyncio.sleep(0.05)
+    else:
+        proc.kill()
+        await proc.communicate()
+        raise AssertionError("server did not start listening")
+    await asyncio.sleep(0.1)
+    return Server(proc)
+
+
+def _disk(d: str, name: str = "disk.img", size: int = 16 * MiB) -> str:
+    p = os.path.join(d, name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+@requires_clients
+@pytest.mark.timeout(60)
+async def test_serve_unix_named_exports_and_clean_shutdown() -> None:
+    with short_tmpdir() as d:
+        disk, sock = _disk(d), os.path.join(d, "s.sock")
+        srv = await start(
+            "--export",
+            f"disk=loop:{disk}",
+            "--export",
+            "zero=null:size=8M",
+            "--socket",
+            sock,
+            "--log-format",
+            "json",
+            wait_for=sock,
+        )
+        try:
+            r = (await run_client("nbdinfo", "--list", uri(sock))).check()
+            assert 'export="disk"' in r.stdout and 'export="zero"' in r.stdout
+            u = uri(sock, "disk")
+            qio = ("qemu-io", "-f", "raw", "-c", "write -P 9 0 64k", "-c", "read -P 9 0 64k", u)
+            (await run_client(*qio)).check()
+            r = (await run_client("nbdinfo", "--size", uri(sock, "zero"))).check()
+            assert r.stdout.strip() == str(8 * MiB)
+        finally:
+            code, err = await srv.stop()
+        assert code == 0, err
+        events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+        assert "nbd.listening" in events and "nbd.stopped" in events
+        assert "nbd.connected" in events
+        assert not os.path.exists(sock)
+        with open(disk, "rb") as f:
+            assert f.read(65536) == b"\x09" * 65536
+
+
+@requires_clients
+@pytest.mark.timeout(60)
+async def test_serve_tcp_read_only_two_workers() -> None:
+    with short_tmpdir() as d:
+        disk = _disk(d)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        srv = await start(
+            "--export",
+            f"disk=loop:{disk}",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--read-only",
+            "--workers",
+            "2",
+            wait_for=("127.0.0.1", port),
+        )
+        try:
+            u = f"nbd://127.0.0.1:{port}/disk"
+            results = await asyncio.gather(*(run_client("nbdinfo", u) for _ in range(4)))
+            for r in results:
+                assert "is_read_only: true" in r.check().stdout
+            r = await run_client("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", u)
+            assert r.returncode != 0 or "failed" in (r.stdout + r.stderr).lower()
+            (await run_client("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 64k", u)).check()
+        finally:
+            code, err = await srv.stop()
+        assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--export", "nonsense", "--socket", "/tmp/x.sock"], "nbd.bad_export"),
+        (
+            ["--export", "m=mirror:/a,/b", "--socket", "/tmp/x.sock", "--workers", "2"],
+            "nbd.workers_unsupported",
+        ),
+        (["--export", "d=loop:/nonexistent/file", "--socket", "/tmp/nbd-x.sock"], "start_failed"),
+    ],
+)
+async def test_bad_arguments_fail_cleanly(args: list[str], needle: str) -> None:
+    r = await run_client(*CLI, *args, timeout=30)
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr
