@@ -36,9 +36,9 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable
 
-from aiofused import Ring, SetupFlag
+from _common import available_backends, loop_factory
+
 from aiofused._fanout import FanoutResult, compare_fanout
 from aiofused._log import configure_logging
 
@@ -46,33 +46,6 @@ LOOPS = ("uvloop", "asyncio")
 BACKENDS = ("uring", "asyncio")
 SPEEDUP_FACTOR = 0.8  # chain/fused >= 0.8 N for N >= 4
 GATHER_FACTOR = 1.2  # fused <= 1.2 x gather
-
-
-def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if kind == "uvloop":
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return asyncio.new_event_loop
-
-
-def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
-    ok: list[str] = []
-    why: dict[str, str] = {}
-
-    async def probe(name: str) -> None:
-        async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=name) as ring:
-            if ring.backend != name:
-                raise RuntimeError(f"got {ring.backend}")
-
-    for name in wanted:
-        try:
-            asyncio.run(probe(name))
-            ok.append(name)
-        except Exception as exc:
-            why[name] = f"{type(exc).__name__}: {exc}"
-    return ok, why
 
 
 def ms(v: float) -> str:

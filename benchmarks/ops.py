@@ -48,6 +48,8 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from _common import available_backends, loop_factory
+
 from aiofused import Cqe, DriverFile, Ring, SetupFlag
 from aiofused._log import configure_logging
 
@@ -271,39 +273,6 @@ async def run_rep(
 
 
 # ---- setup and report -----------------------------------------------------------------------
-
-
-def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if kind == "uvloop":
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return asyncio.new_event_loop
-
-
-def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
-    ok: list[str] = []
-    why: dict[str, str] = {}
-
-    async def probe(name: str) -> None:
-        async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=name) as ring:
-            if ring.backend != name:
-                raise RuntimeError(f"got {ring.backend}")
-            sqe = ring.get_sqe()
-            assert sqe is not None
-            sqe.prep_nop()
-            ring.submit()
-            async with asyncio.timeout(5):
-                await ring.wait_cqes(1)
-
-    for name in wanted:
-        try:
-            asyncio.run(probe(name))
-            ok.append(name)
-        except Exception as exc:
-            why[name] = f"{type(exc).__name__}: {exc}"
-    return ok, why
 
 
 def make_file() -> tuple[str, bytes]:
