@@ -83,6 +83,7 @@ _CQE_MORE = int(CqeFlag.MORE)
 _CQE_NOTIF = int(CqeFlag.NOTIF)
 _INIT_SLOW_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
 _FAST_EXCLUDED = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN)
+_OP_NOP = int(Op.NOP)
 _OP_READ_FIXED = int(Op.READ_FIXED)
 _OP_WRITE_FIXED = int(Op.WRITE_FIXED)
 _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
@@ -301,28 +302,30 @@ class Ring:
         chain: list[Req] | None = None
         chain_failed = False
         stop = False
-        fast = not (self._deferred or self._barrier or self._issuing)
         while i < n and not stop:
             req = self._init_req(sq[i])
             i += 1
             if (
-                fast
-                and chain is None
+                chain is None
                 and not req.err
                 and not req.flags & _FAST_EXCLUDED
-                and req.opdef.backend
+                and not (self._deferred or self._barrier or self._issuing)
             ):
-                # Fast path: a standalone leaf I/O op goes straight to its backend.
-                self._live += 1
-                req.state = INFLIGHT
-                self._inflight[req] = None
-                try:
-                    self._issue_io(req)
-                except Exception:
-                    log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
-                    if req.state == INFLIGHT:
-                        self._complete(req, EIO)
-                continue
+                if req.opcode == _OP_NOP and not req.flags & _F_SKIP:
+                    self._post_cqe(req.user_data, 0, 0)  # a NOP completes at once
+                    continue
+                if req.opdef.backend:
+                    # Fast path: a standalone leaf I/O op goes straight to its backend.
+                    self._live += 1
+                    req.state = INFLIGHT
+                    self._inflight[req] = None
+                    try:
+                        self._issue_io(req)
+                    except Exception:
+                        log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
+                        if req.state == INFLIGHT:
+                            self._complete(req, EIO)
+                    continue
             if req.opcode == Op.FUSED_CMD:
                 i = self._take_secondaries(req, sq, i, n)
             linked = bool(req.flags & _LINK_FLAGS)
@@ -770,15 +773,7 @@ class Ring:
             req.res = res
             del self._inflight[req]
             if not (req.flags & _F_SKIP) or req.failed_res:
-                cq = self._cq
-                cq.append(Cqe(req.user_data, res, 0))
-                if len(cq) > self.cq_entries:
-                    self.cq_overflow += 1
-                self._cqe_seq += 1
-                if self._count_timeouts:
-                    self._flush_count_timeouts()
-                if self._waiters:
-                    self._wake()
+                self._post_cqe(req.user_data, res, 0)
             buf = req.buf
             if buf is not None:
                 req.buf = None
@@ -894,14 +889,25 @@ class Ring:
         if on_cqe is not None:
             on_cqe(res, flags)
             return
-        cq = self._cq
+        if req.opcode != Op.TIMEOUT:
+            self._post_cqe(req.user_data, res, flags)
+            return
+        cq = self._cq  # a TIMEOUT's own CQE does not count for other timeouts
         cq.append(Cqe(req.user_data, res, flags))
         if len(cq) > self.cq_entries:
             self.cq_overflow += 1
-        if req.opcode != Op.TIMEOUT:
-            self._cqe_seq += 1
-            if self._count_timeouts:
-                self._flush_count_timeouts()
+        if self._waiters:
+            self._wake()
+
+    def _post_cqe(self, user_data: int, res: int, flags: int) -> None:
+        """Append a CQE of a non-TIMEOUT request to the CQ."""
+        cq = self._cq
+        cq.append(Cqe(user_data, res, flags))
+        if len(cq) > self.cq_entries:
+            self.cq_overflow += 1
+        self._cqe_seq += 1
+        if self._count_timeouts:
+            self._flush_count_timeouts()
         if self._waiters:
             self._wake()
 
