@@ -47,15 +47,15 @@ __all__ = ["TRANSITIONS", "Primary", "State"]
 log = get_logger("aiofused.fused")
 
 
-class State(enum.Enum):
-    """Lifecycle of a primary."""
+class State(enum.IntEnum):
+    """Lifecycle of a primary (an IntEnum: cheap to hash on the hot path)."""
 
-    PREPARED = "prepared"
-    ISSUED = "issued"
-    LENT = "lent"
-    RETURNING = "returning"
-    CLOSING = "closing"
-    DONE = "done"
+    PREPARED = 0
+    ISSUED = 1
+    LENT = 2
+    RETURNING = 3
+    CLOSING = 4
+    DONE = 5
 
 
 TRANSITIONS: dict[tuple[State, str], State] = {
@@ -110,7 +110,7 @@ class Primary:
         self.on_lent: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
-        return f"<Primary ud={self.req.user_data} {self.state.value} out={self.outstanding}>"
+        return f"<Primary ud={self.req.user_data} {self.state.name.lower()} out={self.outstanding}>"
 
     # ---- state machine ---------------------------------------------------------
 
@@ -120,7 +120,7 @@ class Primary:
         except KeyError:
             raise DriverError(
                 f"fused command ud={self.req.user_data}: {event!r} is not allowed "
-                f"in state {self.state.value}"
+                f"in state {self.state.name.lower()}"
             ) from None
         if new is State.LENT:
             lent_changed(1)
@@ -215,7 +215,7 @@ class Primary:
         if not self.is_fused:
             raise DriverError("provide_buf_and_start() on a plain URING_CMD")
         if self.state is not State.ISSUED:
-            raise DriverError(f"cannot lend a buffer in state {self.state.value}")
+            raise DriverError(f"cannot lend a buffer in state {self.state.name.lower()}")
         if isinstance(buf, PoolBuffer):
             if buf.pool is self.ring._reg_pool:
                 self._fixed_index = buf.index  # secondaries become fixed ops
@@ -268,7 +268,7 @@ class Primary:
             self._cancel_inflight()
             self._maybe_returned()
         else:
-            raise DriverError(f"done() is not allowed in state {state.value}")
+            raise DriverError(f"done() is not allowed in state {state.name.lower()}")
 
     # ---- high-level lease support --------------------------------------------------
 
@@ -283,7 +283,7 @@ class Primary:
     def add_secondary(self, s: Req) -> None:
         """Start one more secondary on an open (high-level) primary."""
         if self.state is not State.LENT or self.sealed:
-            raise DriverError(f"no secondary can start in state {self.state.value}")
+            raise DriverError(f"no secondary can start in state {self.state.name.lower()}")
         s.primary = self
         s.sec_index = len(self.results)
         self.results.append(0)

@@ -43,6 +43,8 @@ ASYNC_CANCEL_ALL = 1 << 0
 MAX_CMD_BYTES = 80
 _F_FIXED = int(SqeFlag.FIXED_FILE)
 _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
+_CMD_FIXED = int(UringCmdFlag.FIXED)
+_CMD_FUSED_BUF = int(UringCmdFlag.FUSED_BUF)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -256,7 +258,7 @@ def _prep_cancel(ring: Ring, req: Req, sqe: Sqe) -> int:
 
 
 def _prep_uring_cmd(ring: Ring, req: Req, sqe: Sqe) -> int:
-    if sqe.pad1 or sqe.uring_cmd_flags & ~UringCmdFlag.FIXED or len(sqe.cmd) > MAX_CMD_BYTES:
+    if sqe.pad1 or sqe.uring_cmd_flags & ~_CMD_FIXED or len(sqe.cmd) > MAX_CMD_BYTES:
         return EINVAL
     err = resolve_fd(ring, req, sqe.fd, sqe.flags)
     if err:
@@ -266,11 +268,9 @@ def _prep_uring_cmd(ring: Ring, req: Req, sqe: Sqe) -> int:
 
 def _prep_fused(ring: Ring, req: Req, sqe: Sqe) -> int:
     # SPEC F1, F2 (F3-F5 need the secondaries and run in Ring._take_secondaries).
-    from aiofused._uapi import SetupFlag
-
-    if not ring.flags & SetupFlag.FUSED_REQ:
+    if not ring._fused_ok:
         return EINVAL
-    if sqe.pad1 or sqe.uring_cmd_flags != UringCmdFlag.FUSED_BUF or len(sqe.cmd) > MAX_CMD_BYTES:
+    if sqe.pad1 or sqe.uring_cmd_flags != _CMD_FUSED_BUF or len(sqe.cmd) > MAX_CMD_BYTES:
         return EINVAL
     err = resolve_fd(ring, req, sqe.fd, sqe.flags)
     if err:

@@ -225,7 +225,8 @@ class Ring:
         self.cq_entries = 1 << (cq - 1).bit_length()
         self.flags = SetupFlag(flags)
         self.features = Feature.NODROP | Feature.SUBMIT_STABLE | Feature.CQE_SKIP
-        if self.flags & SetupFlag.FUSED_REQ:
+        self._fused_ok = bool(self.flags & SetupFlag.FUSED_REQ)
+        if self._fused_ok:
             self.features |= Feature.FUSED_REQ
         self._backend = select_backend(backend, self.loop)
         if self._backend.name == "asyncio":
@@ -522,7 +523,7 @@ class Ring:
         req = Req(self, 0, Op.FUSED_CMD, 0)
         req.opdef = OPDEFS[Op.FUSED_CMD]
         req.on_cqe = _future_setter(fut)
-        if not self.flags & SetupFlag.FUSED_REQ or len(cmd) > 80:
+        if not self._fused_ok or len(cmd) > 80:
             req.err = EINVAL
         resolve_fd(self, req, driver_file, 0)
         prim = Primary(self, req, cmd_op, cmd, True)
