@@ -24,11 +24,13 @@ Semantics:
   source when its filling buffer is full, so a slow reader slows the sender; the
   pool bounds memory.
 * **Mirrors never slow the main path.**  A mirror's SEND runs beside the main SEND on
-  the same lent buffer; if it has not finished when the main SEND has, the mirror is
-  more than its socket buffer behind: it is cut (reset), and the bytes it missed
-  and every later byte of the connection are counted as dropped and logged.  A
-  mirror that refuses, resets, or is not connected by the first byte is cut the
-  same way.  Mirror replies are read and discarded.
+  the same lent buffer with ``MSG_DONTWAIT``: its socket send buffer
+  (``mirror_lag``) is how far it may fall behind.  If it has not taken the whole
+  chunk when the main SEND is done (plus ``mirror_grace`` seconds, 0 by default), it
+  is cut (reset), and the bytes it missed and every later byte of the connection are
+  counted as dropped and logged.  A mirror that refuses, resets, or is not
+  connected shortly after the first byte is cut the same way.  Mirror replies are
+  read and discarded.
 * **Limits.**  ``max_connections`` stops accepting while that many are open;
   ``idle_timeout`` closes a connection with no bytes in either direction;
   SIGINT/SIGTERM stop accepting, let open connections finish for
@@ -54,7 +56,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
+
+from aiofused._driver import DriverFile
 from aiofused._log import configure_logging, get_logger
+from aiofused._ring import Ring
+from aiofused._uapi import BufDir, SetupFlag
 
 __all__ = [
     "Endpoint",
@@ -128,13 +135,18 @@ class ProxyConfig:
     workers: int = 1
     max_connections: int = 1024
     idle_timeout: float = 300.0
-    buffer_size: int = 256 * 1024
+    #: Pool buffer size: the most one fused command lends (bulk transfers coalesce into
+    #: full buffers, so bigger means fewer commands per GiB).
+    buffer_size: int = 1024 * 1024
     #: Buffers in the pool; 0 means ``4 * max_connections`` (two per direction).
     pool_size: int = 0
     connect_timeout: float = 10.0
     shutdown_timeout: float = 10.0
     #: How far (bytes) a mirror may lag behind the main path: its socket send buffer.
-    mirror_lag: int = 4 * 1024 * 1024
+    mirror_lag: int = 8 * 1024 * 1024
+    #: How long (seconds) the main path may wait for a lagging mirror per chunk before
+    #: cutting it; 0 (the default) means never.
+    mirror_grace: float = 0.0
     backend: str = "auto"
     loop: str = "auto"
     backlog: int = 1024
@@ -187,6 +199,15 @@ def _abort_socket(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     sock.close()
+
+
+def _max_sndbuf() -> int:
+    """The largest send buffer SO_SNDBUF can set (the kernel doubles the value given)."""
+    try:
+        with open("/proc/sys/net/core/wmem_max") as f:
+            return 2 * int(f.read())
+    except (OSError, ValueError):
+        return 2 * 212992
 
 
 async def _close_politely(sock: socket.socket, timeout: float = 1.0) -> None:
@@ -282,9 +303,11 @@ class _Mirror:
     async def connect(self, timeout: float, lag: int) -> None:
         loop = asyncio.get_running_loop()
         sock = await _connect(self.endpoint, timeout)
-        with contextlib.suppress(OSError):
-            # The kernel doubles it and caps it at net.core.wmem_max.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, lag)
+        if lag <= _max_sndbuf():
+            # A fixed send buffer of ``lag`` bytes.  Beyond net.core.wmem_max the kernel
+            # would cap it below what TCP autotuning reaches on its own, so it is left alone.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, lag // 2)
         self.sock = sock.dup()
         self.sock.setblocking(False)
         self.transport, _ = await loop.connect_accepted_socket(lambda: _Discard(self), sock)
@@ -355,12 +378,23 @@ class _Connection:
         self.server = server
         self.id = conn_id
         self.peer = peer
-        self.client: Any = None
-        self.upstream: Any = None
+        self.client: RelayChannel | None = None
+        self.upstream: RelayChannel | None = None
         self.mirrors: list[_Mirror] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.last_active = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
+
+
+async def _wait_all(tasks: list[asyncio.Task[Any]]) -> bool:
+    """Wait until every task is done, through cancellations; True if one arrived."""
+    interrupted = False
+    while tasks and not all(t.done() for t in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            interrupted = True
+    return interrupted
 
 
 async def _send_all(lease: Any, sock: socket.socket, n: int) -> None:
@@ -382,9 +416,9 @@ class ProxyServer:
         self.config = config
         self.stats = ProxyStats()
         self._listen_sock = sock
-        self._ring: Any = None
-        self._driver: Any = None
-        self._relay_file: Any = None
+        self._ring: Ring | None = None
+        self._driver: RelayDriver | None = None
+        self._relay_file: DriverFile | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._conns: dict[int, _Connection] = {}
         self._conn_tasks: set[asyncio.Task[None]] = set()
@@ -392,6 +426,8 @@ class ProxyServer:
         self._slots: asyncio.Semaphore | None = None
         self._closing = False
         self._closed = asyncio.Event()
+        #: Pool buffers not returned when :meth:`aclose` finished (a bug if not 0).
+        self.buffers_leaked = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -401,23 +437,24 @@ class ProxyServer:
         return self._listen_sock.getsockname()
 
     @property
-    def pool(self) -> Any:
-        return self._driver.pool
-
-    @property
-    def driver(self) -> Any:
+    def driver(self) -> RelayDriver:
+        """The relay driver (after :meth:`start`)."""
+        assert self._driver is not None, "not started"
         return self._driver
 
     @property
+    def pool(self) -> RelayPool:
+        """The relay driver's bounded buffer pool."""
+        return self.driver.pool
+
+    @property
     def backend(self) -> str:
+        """What the ring's plain I/O runs on: ``"uring"`` or ``"asyncio"``."""
+        assert self._ring is not None, "not started"
         return str(self._ring.backend)
 
     async def start(self) -> None:
         """Open the ring and the relay driver, bind (unless given a socket), accept."""
-        from aiofused_drivers.relay import RelayDriver
-
-        from aiofused import Ring, SetupFlag
-
         cfg = self.config
         self._ring = Ring(1024, flags=SetupFlag.FUSED_REQ, backend=cfg.backend)
         await self._ring.__aenter__()
@@ -480,10 +517,11 @@ class ProxyServer:
             await self._ring.close()
         if self._driver is not None:
             pool = self._driver.pool
-            if pool.available == pool.size:
-                self._driver.close_pool()
+            self.buffers_leaked = pool.size - pool.available
+            if self.buffers_leaked:
+                log.error("relay_buffers_leaked", count=self.buffers_leaked)
             else:
-                log.error("relay_buffers_leaked", count=pool.size - pool.available)
+                self._driver.close_pool()
         self._closed.set()
 
     # ---- accepting ---------------------------------------------------------------------
@@ -544,11 +582,11 @@ class ProxyServer:
                 outcome = "upstream_failed"
                 return
             try:
-                conn.client = await self._driver.attach(client_sock)
+                conn.client = await self.driver.attach(client_sock)
             except BaseException:
                 upstream_sock.close()
                 raise
-            conn.upstream = await self._driver.attach(upstream_sock)
+            conn.upstream = await self.driver.attach(upstream_sock)
             log.debug("connection_open", conn=conn.id, peer=_peer(conn.peer))
             conn.last_active = loop.time()
             conn.idle_handle = loop.call_later(cfg.idle_timeout, self._idle_check, conn)
@@ -561,20 +599,22 @@ class ProxyServer:
             self._abort(conn)
             raise
         finally:
+            # Cleanup must run to the end even if this task is cancelled (again) meanwhile:
+            # the waits below are uncancellable, a cancellation is re-raised afterwards.
             if conn.idle_handle is not None:
                 conn.idle_handle.cancel()
             for task in conn.tasks:
                 task.cancel()
-            if conn.tasks:
-                await asyncio.wait(conn.tasks)
+            interrupted = await _wait_all(conn.tasks)
             graceful = outcome in ("closed", "idle_timeout")
+            if conn.client is None and client_sock.fileno() >= 0:
+                client_sock.close()  # never attached: still ours
             for chan in (conn.client, conn.upstream):
                 if chan is not None:
                     chan.close(abort=not graceful)
             for m in conn.mirrors:
                 m.close(abort=not graceful)
-            if conn.mirrors:
-                await asyncio.wait([m.task for m in conn.mirrors if m.task is not None])
+            interrupted |= await _wait_all([m.task for m in conn.mirrors if m.task is not None])
             self._conns.pop(conn.id, None)
             stats.connections_active -= 1
             up_bytes = conn.client.bytes_received if conn.client is not None else 0
@@ -586,6 +626,8 @@ class ProxyServer:
                 bytes_up=up_bytes,
                 bytes_down=down_bytes,
             )
+            if interrupted and outcome not in ("shutdown", "cancelled"):
+                raise asyncio.CancelledError
 
     async def _connect_mirror(self, m: _Mirror) -> None:
         try:
@@ -633,12 +675,15 @@ class ProxyServer:
         for task in conn.tasks:
             task.cancel()
 
-    async def _pump(self, conn: _Connection, src: Any, dst: Any, upstream_dir: bool) -> None:
-        """Relay ``src`` to ``dst`` (and the mirrors, client→upstream) until end of stream."""
-        from aiofused_drivers.relay import RELAY_RECV
+    async def _pump(
+        self, conn: _Connection, src: RelayChannel, dst: RelayChannel, upstream_dir: bool
+    ) -> None:
+        """Relay ``src`` to ``dst`` (and the mirrors, client→upstream) until end of stream.
 
-        from aiofused import BufDir
-
+        One fused command per chunk: the relay lends what it received, the SENDs read it.
+        A reset or error of ``src`` raises out of the scope's entry as ``OSError``.
+        """
+        assert self._ring is not None and self._relay_file is not None
         loop = asyncio.get_running_loop()
         stats = self.stats
         fused = self._ring.fused
@@ -649,35 +694,36 @@ class ProxyServer:
         first = True
         while True:
             async with fused(relay, RELAY_RECV, cmd=cmd, buf_dir=BufDir.SRC) as lease:
-                buf = lease.buffer
-                n = len(buf) if buf is not None else 0
-                if n:
-                    if mirrors:
-                        if first:
-                            self._settle_mirrors(conn)
-                            first = False
-                        await self._send_mirrored(conn, lease, dst_sock, n)
-                    else:
-                        await _send_all(lease, dst_sock, n)
-            res = lease.result
-            if res <= 0:
-                break
+                if not lease.lent:  # end of stream: the relay completed without lending
+                    break
+                n = len(lease.buffer)
+                if mirrors:
+                    if first:
+                        await self._settle_mirrors(conn)
+                        first = False
+                    await self._send_mirrored(conn, lease, dst_sock, n)
+                else:
+                    sent = await lease.send(dst_sock, 0, n, _MSG_WAITALL)
+                    while sent < n:  # MSG_WAITALL makes this rare
+                        sent += await lease.send(dst_sock, sent, n - sent, _MSG_WAITALL)
             conn.last_active = loop.time()
             stats.chunks += 1
             if upstream_dir:
-                stats.bytes_upstream += res
+                stats.bytes_upstream += n
             else:
-                stats.bytes_downstream += res
-        if res < 0:
-            raise OSError(-res, os.strerror(-res))
+                stats.bytes_downstream += n
         # End of stream: propagate the half-close.
         with contextlib.suppress(OSError):
             dst_sock.shutdown(socket.SHUT_WR)
         for m in mirrors:
             m.shutdown_write()
 
-    def _settle_mirrors(self, conn: _Connection) -> None:
-        """At the first byte, a mirror that is not connected yet is cut."""
+    async def _settle_mirrors(self, conn: _Connection) -> None:
+        """At the first byte, wait briefly for mirrors still connecting (they started with
+        the upstream's connect); one not connected by then is cut."""
+        connecting = [m.task for m in conn.mirrors if m.task is not None and not m.task.done()]
+        if connecting:
+            await asyncio.wait(connecting, timeout=max(self.config.mirror_grace, 0.1))
         for m in conn.mirrors:
             if not m.failed and m.sock is None:
                 m.fail("not_connected_by_first_byte")
@@ -686,33 +732,38 @@ class ProxyServer:
         self, conn: _Connection, lease: Any, dst: socket.socket, n: int
     ) -> None:
         stats = self.stats
+        grace = self.config.mirror_grace
         side: list[tuple[_Mirror, asyncio.Task[int]]] = []
         for m in conn.mirrors:
             if m.live and m.sock is not None:
                 m.busy = True
-                side.append((m, asyncio.ensure_future(_mirror_send(lease, m.sock, n))))
+                side.append((m, asyncio.ensure_future(_mirror_send(lease, m.sock, n, grace))))
             else:
                 stats.mirror_dropped_bytes += n
         try:
             await _send_all(lease, dst, n)
         finally:
             if side:
-                await self._settle_mirror_sends(side, n)
+                await self._settle_mirror_sends(side, n, grace)
 
     async def _settle_mirror_sends(
-        self, side: list[tuple[_Mirror, asyncio.Task[int]]], n: int
+        self, side: list[tuple[_Mirror, asyncio.Task[int]]], n: int, grace: float
     ) -> None:
-        """Mirror sends never wait for socket space (MSG_DONTWAIT); give the completions
-        a few loop iterations to arrive, then a send still pending is cancelled."""
+        """Mirror sends do not wait for socket space (MSG_DONTWAIT) beyond ``grace``; give
+        their completions a few loop iterations (or ``grace``) to arrive, then a send still
+        pending is cancelled."""
         stats = self.stats
         for _ in range(_MIRROR_GRACE_ITERATIONS):
             if all(task.done() for _, task in side):
                 break
             await asyncio.sleep(0)
+        pending = [t for _, t in side if not t.done()]
+        if pending and grace > 0:
+            await asyncio.wait(pending, timeout=grace)
         for _m, task in side:
             if not task.done():
                 task.cancel()
-        await asyncio.wait([t for _, t in side])
+        interrupted = await _wait_all([t for _, t in side])
         for m, task in side:
             m.busy = False
             exc = None if task.cancelled() else task.exception()
@@ -726,23 +777,26 @@ class ProxyServer:
                     m.fail("lagging")
             if m.failed:
                 m.close(abort=True)
+        if interrupted:
+            raise asyncio.CancelledError
 
 
-async def _mirror_send(lease: Any, sock: socket.socket, n: int) -> int:
-    """Send what the mirror's socket buffer takes now; fewer than ``n`` means it lags
-    by more than its buffer."""
+async def _mirror_send(lease: Any, sock: socket.socket, n: int, grace: float) -> int:
+    """Send what the mirror's socket buffer takes now (and, with ``grace``, what it takes
+    within that many seconds); fewer than ``n`` means it lags by more than that."""
+    sent = 0
     try:
-        sent: int = await lease.send(sock, 0, n, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return 0
-    while 0 < sent < n:
-        try:
+        sent = await lease.send(sock, 0, n, socket.MSG_DONTWAIT)
+        while 0 < sent < n:
             more: int = await lease.send(sock, sent, n - sent, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            break
-        if not more:
-            break
-        sent += more
+            if not more:
+                break
+            sent += more
+    except BlockingIOError:
+        pass
+    if sent < n and grace > 0:
+        # Waits for socket space; the settle step cancels it when the grace is over.
+        sent += await lease.send(sock, sent, n - sent, _MSG_WAITALL)
     return sent
 
 
@@ -786,7 +840,22 @@ async def _serve_until_signalled(config: ProxyConfig, sock: socket.socket | None
     )
     await stop.wait()
     log.info("proxy_shutdown", pid=os.getpid(), connections=server.stats.connections_active)
-    await server.aclose()
+    closing = asyncio.ensure_future(server.aclose())
+    stop.clear()
+    forced = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({closing, forced}, return_when=asyncio.FIRST_COMPLETED)
+    if not closing.done():
+        # A second signal: close the open connections now instead of letting them finish.
+        log.info("proxy_shutdown_forced", pid=os.getpid())
+        for task in list(server._conn_tasks):
+            task.cancel()
+    await closing
+    forced.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await forced
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)  # a late signal must not kill a clean exit
     log.info("proxy_stopped", pid=os.getpid(), **server.stats.as_dict())
     return 0
 
@@ -924,16 +993,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="SO_REUSEPORT worker processes")
     p.add_argument("--max-connections", type=int, default=1024, help="per worker")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS")
-    p.add_argument("--buffer-size", type=_size, default=256 * 1024, metavar="BYTES")
+    p.add_argument(
+        "--buffer-size",
+        type=_size,
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="pool buffer size: the most one fused command lends (default 1M)",
+    )
     p.add_argument(
         "--pool-size", type=int, default=0, help="buffers per worker (default 4 x max-connections)"
     )
     p.add_argument(
         "--mirror-lag",
         type=_size,
-        default=4 * 1024 * 1024,
+        default=8 * 1024 * 1024,
         metavar="BYTES",
-        help="how far a mirror may fall behind before it is cut (its socket buffer)",
+        help="how far a mirror may fall behind before it is cut: its socket send buffer "
+        "(default 8M; above 2 x net.core.wmem_max, TCP autotuning decides)",
+    )
+    p.add_argument(
+        "--mirror-grace",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long the main path may wait for a lagging mirror per chunk (default 0)",
     )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS")
@@ -941,7 +1024,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     # SUPPRESS: a --log-format/--log-level given to the main parser is not overwritten.
     p.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS)
-    p.add_argument("--log-level", default=argparse.SUPPRESS)
+    p.add_argument(
+        "--log-level",
+        dest="proxy_log_level",
+        default=None,
+        help="default info (connection failures, resets, mirror cuts, shutdown)",
+    )
     p.set_defaults(func=_cli_proxy)
     return p
 
@@ -958,6 +1046,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         pool_size=args.pool_size,
         connect_timeout=args.connect_timeout,
         mirror_lag=args.mirror_lag,
+        mirror_grace=args.mirror_grace,
         shutdown_timeout=args.shutdown_timeout,
         backend=args.backend,
         loop=args.loop,
@@ -966,7 +1055,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
 
 def _cli_proxy(args: argparse.Namespace) -> int:
     fmt = getattr(args, "log_format", "console")
-    level = getattr(args, "log_level", "info")
+    # A server logs its life at info by default; an explicit level wins, here or before
+    # the subcommand (the main parser's own default is "warning").
+    level = args.proxy_log_level or getattr(args, "log_level", "warning")
+    if args.proxy_log_level is None and level == "warning":
+        level = "info"
     configure_logging(level, fmt)
     try:
         config = config_from_args(args)

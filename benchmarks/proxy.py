@@ -492,7 +492,9 @@ def proxy_for(
             argv += ["--trace", trace]
     else:
         argv = self_cmd("_serve", v.kind, str(port), str(upstream), v.loop)
-    with spawn(argv, port, env=env, stderr=None) as proc:
+    # aiofused's warnings (mirror cuts, ...) are part of the result; baselines stay quiet.
+    stderr = None if v.kind == "aiofused" else subprocess.DEVNULL
+    with spawn(argv, port, env=env, stderr=stderr) as proc:
         yield port, proc.pid
     if info_file:
         with open(info_file) as f:
@@ -665,10 +667,8 @@ def report(variants: list[Variant], alloc: dict[str, Any] | None, rr_kind: str) 
     for v in variants:
         c = v.counters
         if c.get("chunks"):
-            line = (
-                f"{v.name}: {c['chunks']:,} fused commands, "
-                f"{c['bytes_upstream'] / max(1, c['chunks']) / 1024:.0f} KiB lent on average"
-            )
+            avg = c["bytes_upstream"] / max(1, c["chunks"]) / 1024
+            line = f"{v.name}: {c['chunks']:,} fused commands, {avg:.0f} KiB lent on average"
             if v.mirrors:
                 line += (
                     f"; mirror got {c['mirror_bytes'] / MiB:,.0f} MiB, "
