@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 One ``mmap`` holds ``count`` slots of ``size`` bytes, each starting on a page
-boundary; pages are touched only when used, so a large pool costs address space, not
-memory.  :meth:`BufferPool.acquire` waits while the pool is empty, which is how a
-producer feels backpressure: memory is bounded by the pool, never by the traffic.
+boundary; pages are touched only when used, and slots are reused last-in-first-out,
+so a large pool costs address space, and memory only for its peak concurrency.
+:meth:`BufferPool.acquire` waits while the pool is empty, which is how a producer
+feels backpressure: memory is bounded by the pool, never by the traffic.
 
 Registered with a ring (:meth:`Ring.register_buffers`), slot ``i`` is the kernel's
 fixed buffer ``i``: READ_FIXED/WRITE_FIXED name it by ``buf_index``, and the
@@ -55,7 +56,9 @@ class BufferPool:
         self.size = size
         self.count = count
         stride = -(-size // page) * page
-        self._map = mmap.mmap(-1, stride * count)
+        # MAP_NORESERVE: a big pool costs address space; pages are touched only when used.
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self._map = mmap.mmap(-1, stride * count, flags=flags)
         whole = memoryview(self._map)
         # Safety: each slot view keeps ``whole`` (and the mapping) alive; close() releases
         # them only when every buffer is back in the pool.
@@ -63,7 +66,7 @@ class BufferPool:
         self._slots = [
             PoolBuffer(self, i, whole[i * stride : i * stride + size]) for i in range(count)
         ]
-        self._free: collections.deque[PoolBuffer] = collections.deque(self._slots)
+        self._free: list[PoolBuffer] = list(reversed(self._slots))
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
@@ -90,7 +93,7 @@ class BufferPool:
             raise RuntimeError("pool is closed")
         if not self._free:
             return None
-        buf = self._free.popleft()
+        buf = self._free.pop()  # LIFO: the most recently used (warm, resident) slot first
         buf._held = True
         return buf
 

@@ -6,6 +6,7 @@ Each test names the rule it checks; the CQE orders are the exact ones the rule f
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import struct
@@ -770,3 +771,22 @@ async def test_read_offset_ignored_on_a_pipe(ring: Ring) -> None:
     finally:
         os.close(r_fd)
         os.close(w_fd)
+
+
+async def test_send_msg_dontwait_does_not_wait(ring: Ring) -> None:
+    """MSG_DONTWAIT on SEND: a full socket answers -EAGAIN (or a short count) at once,
+    as the kernel's REQ_F_NOWAIT does, instead of waiting for space."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with pytest.raises(BlockingIOError):
+            while True:
+                a.send(b"x" * 65536)
+        add(ring, 1, "send", a, b"y" * 65536, 65536, socket.MSG_DONTWAIT)
+        ring.submit()
+        ((ud, res),) = await reap(ring, 1)
+        assert ud == 1 and (res == -errno.EAGAIN or 0 < res < 65536)
+    finally:
+        a.close()
+        b.close()

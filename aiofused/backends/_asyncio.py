@@ -154,6 +154,10 @@ class AsyncioBackend(Backend):
             else:
                 n = os.readv(io.fd, [view])
         except (BlockingIOError, InterruptedError):
+            if io.rw_flags & _MSG_DONTWAIT and h.sock is not None:
+                # The caller asked not to wait (the kernel's REQ_F_NOWAIT): no parking.
+                self._finish(h, h.done if h.done else -errno.EAGAIN)
+                return True
             if h.state != _PARKED:
                 self._park(h)
             return False
