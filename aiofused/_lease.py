@@ -20,7 +20,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from aiofused._driver import DriverFile
-from aiofused._errors import check_res, res_to_error
+from aiofused._errors import DriverError, check_res, res_to_error
 from aiofused._opdef import OPDEFS
 from aiofused._uapi import EINVAL, BufDir, Op
 
@@ -158,11 +158,12 @@ class FusedScope:
         """Run one secondary on the lent buffer and return its byte count."""
         prim = self.primary
         opdef = OPDEFS[op]
+        if prim is not None and prim.sealed:
+            raise DriverError("the lease's scope has ended: no secondary can start")
         if prim is None or not self.lent or opdef.buf_dir is not self.buf_dir:
             raise res_to_error(EINVAL)
-        size = len(self.lease.buffer) if self.lease is not None else 0
         if nbytes is None:
-            nbytes = size - at
+            nbytes = (len(self.lease.buffer) if self.lease is not None else 0) - at
         ring = self.ring
         fut: asyncio.Future[int] = ring.loop.create_future()
         s = ring._private_secondary(op, fd, at, nbytes, offset, flags, fut)

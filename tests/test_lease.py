@@ -15,7 +15,7 @@ import pytest
 from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NullDriver
 from conftest import ECANCELED
 
-from aiofused import EIOCBQUEUED, BufDir, Ring, UringCmd, res_to_error
+from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, UringCmd, res_to_error
 from aiofused._views import counters
 
 
@@ -279,3 +279,15 @@ async def test_lease_send_recv_zero_copy_same_memory(ring: Ring) -> None:
     finally:
         for s in (a1, a2, b1, b2):
             s.close()
+
+
+async def test_lease_use_after_scope_is_refused(ring: Ring, data_file: Any) -> None:
+    """SPEC F11: no secondary starts after the primary completed; the view is gone."""
+    fd, _ = data_file
+    df = ring.open_driver("null")
+    async with ring.fused(df, NULL_LEND) as lease:
+        pass
+    with pytest.raises(DriverError):
+        await lease.read(fd, 0, 0, 16)
+    with pytest.raises(ValueError):
+        lease.buffer[0]
