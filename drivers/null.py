@@ -2,9 +2,9 @@
 
 ``cmd_op`` selects the behaviour:
 
-* ``NULL_LEND`` (0): lend a buffer of ``len(cmd)`` bytes... or of ``size`` (driver
-  option, default 64 KiB); complete with 0 once the secondaries returned, or
-  -ECANCELED if the command was cancelled.
+* ``NULL_LEND`` (0): lend a buffer of ``size`` bytes (driver option, default 64 KiB);
+  complete with 0 once the secondaries returned, or -ECANCELED if the command was
+  cancelled.
 * ``NULL_INLINE`` (1): complete inline with the signed 32-bit result packed in ``cmd``.
 * ``NULL_QUEUED`` (2): queue, then complete from task work with that result.
 * ``NULL_RESULTS`` (3): lend, then complete with the sum of the secondaries' results.
