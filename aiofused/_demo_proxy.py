@@ -55,7 +55,8 @@ threads = [
 ]
 for t in threads:
     t.start()
-print(json.dumps({n: s.getsockname()[1] for n, s in servers.items()}), flush=True)
+sys.stdout.write(json.dumps({n: s.getsockname()[1] for n, s in servers.items()}) + "\n")
+sys.stdout.flush()
 
 port, size = map(int, sys.stdin.readline().split())
 c = socket.create_connection(("127.0.0.1", port))
@@ -73,8 +74,14 @@ seconds = time.perf_counter() - t0
 c.close()
 for t in threads:
     t.join(30)
-print(json.dumps({"seconds": seconds, "reply": reply.decode(), "sinks": results}), flush=True)
+sys.stdout.write(json.dumps({"seconds": seconds, "reply": reply.decode(), "sinks": results}) + "\n")
+sys.stdout.flush()
 """
+
+
+def _emit(*parts: str, file: TextIO) -> None:
+    """One line of the demo's report on ``file`` (the CLI's stdout by default)."""
+    file.write("".join(parts) + "\n")
 
 
 def _bar(done: int, total: int, rate: float, width: int = 30) -> str:
@@ -128,7 +135,7 @@ async def run_proxy_showcase(
         )
         async with ProxyServer(config) as proxy:
             shadow = f", mirrored to {mirrors} shadow upstream{'s' * (mirrors != 1)}"
-            print(
+            _emit(
                 f"proxy showcase: {size / MiB:.0f} MiB client -> aiofused proxy -> upstream"
                 f"{shadow if mirrors else ''} (backend {proxy.backend})",
                 file=out,
@@ -175,22 +182,22 @@ async def run_proxy_showcase(
     }
     mbps = size / report["seconds"] / 1e6
     cpu_per_gib = cpu / (size / (1 << 30))
-    print(f"  throughput            {mbps:,.0f} MB/s (proxy CPU {cpu_per_gib:.2f} s/GiB)", file=out)
+    _emit(f"  throughput            {mbps:,.0f} MB/s (proxy CPU {cpu_per_gib:.2f} s/GiB)", file=out)
     for name, ok in verified.items():
         got = copies[name].get("bytes", 0)
         mark = "identical, byte for byte" if ok else f"DIFFERENT ({got:,} bytes)"
-        print(f"  {name + ' copy':<21} {size:,} bytes {mark}", file=out)
+        _emit(f"  {name + ' copy':<21} {size:,} bytes {mark}", file=out)
     avg = (stats.bytes_upstream + stats.bytes_downstream) / max(1, stats.chunks)
-    print(
+    _emit(
         f"  bytes copied in Python {copied}  (received into pooled buffers, sent from them)",
         file=out,
     )
-    print(
+    _emit(
         f"  {'':21} Python's heap peaked +{heap_peak / 1024:.0f} KiB over the "
         f"{size / MiB:.0f} MiB; one copied chunk would be {avg / 1024:.0f} KiB",
         file=out,
     )
-    print(
+    _emit(
         f"  fused commands        {stats.chunks:,} (avg {avg / 1024:.0f} KiB lent each); "
         f"pool {'full again' if pool_ok else 'NOT full'}; mirror dropped "
         f"{stats.mirror_dropped_bytes} B",
