@@ -74,7 +74,6 @@ log = get_logger("aiofused.ring")
 MAX_ENTRIES = 32768
 
 # Plain ints for the hot path (IntFlag arithmetic allocates enum members).
-_F_FIXED = int(SqeFlag.FIXED_FILE)
 _F_DRAIN = int(SqeFlag.IO_DRAIN)
 _F_HARDLINK = int(SqeFlag.IO_HARDLINK)
 _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
@@ -479,7 +478,7 @@ class Ring:
             while self._deferred:
                 reqs, count, _ = self._deferred.popleft()
                 self._live += count
-                self._fail_chain_not_issued(reqs, ECANCELED)
+                self._fail_chain_not_issued(reqs[0], ECANCELED)
             for req in list(self._inflight):
                 if req.state == INFLIGHT and req.opcode not in (Op.ASYNC_CANCEL, Op.LINK_TIMEOUT):
                     self._cancel_req(req, _ignore)
@@ -693,14 +692,12 @@ class Ring:
 
     def _fail_unit(self, reqs: list[Req]) -> None:
         """A chain (or standalone request) with an init error (SPEC L3, F-rules)."""
-        count = self._link_unit(reqs)
-        self._live += count
-        head = reqs[0]
-        self._fail_chain_not_issued(reqs, head.err or ECANCELED)
+        self._live += self._link_unit(reqs)
+        self._fail_chain_not_issued(reqs[0], ECANCELED)
 
-    def _fail_chain_not_issued(self, reqs: list[Req], head_res: int) -> None:
-        # A submission failure severs even an IO_HARDLINK (io_queue_sqe_fallback).
-        head = reqs[0]
+    def _fail_chain_not_issued(self, head: Req, head_res: int) -> None:
+        """Complete a chain that never started: its head, then (through the links) the
+        rest.  A submission failure severs even an IO_HARDLINK (io_queue_sqe_fallback)."""
         head.err = head.err or head_res
         if head.fused is not None:
             head.fused.fail_unissued(head.err)
