@@ -17,6 +17,7 @@ cancellation that arrived meanwhile is re-raised.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiofused._driver import DriverFile
@@ -29,21 +30,6 @@ if TYPE_CHECKING:
     from aiofused._ring import Ring
 
 __all__ = ["FusedScope", "Lease"]
-
-
-async def _wait_uncancellable(fut: asyncio.Future[int], on_cancel: Any = None) -> bool:
-    """Wait for ``fut`` through any number of cancellations; True if one arrived."""
-    cancelled = False
-    while not fut.done():
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                break
-            cancelled = True
-            if on_cancel is not None:
-                on_cancel()
-    return cancelled
 
 
 class Lease:
@@ -97,39 +83,63 @@ class FusedScope:
         self.primary: Primary | None = None
         self.lent = False
         self.lease: Lease | None = None
-        self._p_fut: asyncio.Future[int] | None = None
+        self._res: int | None = None  # the primary's res, once its completion came
+        self._wake: asyncio.Future[None] | None = None
+
+    # The primary's events set plain state and wake the waiting task directly: no
+    # done-callback or shield hop on the path.
+
+    def _signal(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _on_primary_cqe(self, res: int, flags: int) -> None:
+        self._res = res
+        self._signal()
+
+    def _on_lent(self) -> None:
+        self.lent = True
+        self._signal()
+
+    async def _wait_done(self, on_cancel: Callable[[], None] | None = None) -> bool:
+        """Wait for the primary's completion through any number of cancellations;
+        return True if one arrived (the caller re-raises it)."""
+        cancelled = False
+        while self._res is None:
+            self._wake = self.ring.loop.create_future()
+            try:
+                await self._wake
+            except asyncio.CancelledError:
+                cancelled = True
+                if on_cancel is not None:
+                    on_cancel()
+        self._wake = None
+        return cancelled
 
     async def __aenter__(self) -> Lease:
         ring = self.ring
-        loop = ring.loop
-        p_fut: asyncio.Future[int] = loop.create_future()
-        ready: asyncio.Future[None] = loop.create_future()
-        self._p_fut = p_fut
-        p = ring._private_primary(self.driver_file, self.cmd_op, self.cmd, self.buf_dir, p_fut)
+        p = ring._private_primary(
+            self.driver_file, self.cmd_op, self.cmd, self.buf_dir, self._on_primary_cqe
+        )
         prim = p.fused
         assert prim is not None
         self.primary = prim
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        def on_lent() -> None:
-            self.lent = True
-            wake()
-
-        prim.on_lent = on_lent
-        p_fut.add_done_callback(lambda _: wake())
+        prim.on_lent = self._on_lent
         ring._start_private(p)
-        try:
-            await ready
-        except asyncio.CancelledError:
-            ring._cancel_req(p, lambda res: None)
-            prim.seal()
-            await _wait_uncancellable(p_fut)
-            raise
+        if not self.lent and self._res is None:
+            self._wake = ring.loop.create_future()
+            try:
+                await self._wake
+            except asyncio.CancelledError:
+                ring._cancel_req(p, lambda res: None)
+                prim.seal()
+                await self._wait_done()
+                raise
+            self._wake = None
         if not self.lent:
-            res = p_fut.result()
+            res = self._res
+            assert res is not None
             if res < 0:
                 raise res_to_error(res)
             lease = Lease(self, memoryview(b""))
@@ -141,13 +151,12 @@ class FusedScope:
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> bool:
         prim = self.primary
-        p_fut = self._p_fut
-        assert prim is not None and p_fut is not None and self.lease is not None
+        assert prim is not None and self.lease is not None
         if exc_type is not None:
             prim.cancel_secondaries()
         prim.seal()
-        cancelled = await _wait_uncancellable(p_fut, prim.cancel_secondaries)
-        self.lease.result = p_fut.result()
+        cancelled = await self._wait_done(prim.cancel_secondaries)
+        self.lease.result = self._res
         if cancelled and exc_type is None:
             raise asyncio.CancelledError
         return False

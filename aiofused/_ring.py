@@ -514,14 +514,14 @@ class Ring:
         cmd_op: int,
         cmd: bytes,
         buf_dir: BufDir,
-        fut: asyncio.Future[int],
+        on_cqe: Callable[[int, int], None],
     ) -> Req:
-        """A FUSED_CMD primary whose CQE goes to ``fut``, open for more secondaries."""
+        """A FUSED_CMD primary whose CQE goes to ``on_cqe``, open for more secondaries."""
         if self._closing:
             raise RingClosedError("ring is closed")
         req = Req(self, 0, Op.FUSED_CMD, 0)
         req.opdef = OPDEFS[Op.FUSED_CMD]
-        req.on_cqe = _future_setter(fut)
+        req.on_cqe = on_cqe
         if not self._fused_ok or len(cmd) > 80:
             req.err = EINVAL
         resolve_fd(self, req, driver_file, 0)
