@@ -205,3 +205,34 @@ def test_cli_demo_fanout_quick() -> None:
     table = {int(r[0]): r for r in rows if len(r) == 6}
     assert set(table) == {1, 4, 16}, p.stdout
     assert float(table[16][4].rstrip("x")) > 4  # chain/fused speed-up
+
+
+async def test_ring_falls_back_when_the_kernel_refuses(
+    monkeypatch: pytest.MonkeyPatch, data_file: tuple[int, bytes]
+) -> None:
+    """Seccomp-style refusal (io_uring_setup -> EPERM): auto runs on asyncio with the same
+    results; backend="uring" raises BackendUnavailable naming the reason."""
+    import errno as errno_mod
+
+    from aiofused.backends import _uring
+
+    def refuse(entries: int, params: object) -> int:
+        raise OSError(errno_mod.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(_uring, "setup_syscall", refuse)
+    monkeypatch.delenv("AIOFUSED_BACKEND", raising=False)
+    _uring.reset_probe_cache()
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            Ring(4, backend="uring")
+        assert "EPERM" in info.value.reason
+        fd, content = data_file
+        async with Ring(8, flags=SetupFlag.FUSED_REQ) as r:
+            assert r.backend == "asyncio"
+            buf = bytearray(64)
+            add(r, 1, "read", fd, buf, 64, 0)
+            r.submit()
+            assert await reap(r, 1) == [(1, 64)]
+            assert bytes(buf) == content[:64]
+    finally:
+        _uring.reset_probe_cache()
