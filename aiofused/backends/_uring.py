@@ -58,6 +58,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -867,9 +868,15 @@ class UringBackend(Backend):
         if self._closed:
             return
         if self._cq_words[self._cq_tail_idx] != self._cq_head:
-            # A CQE without a wake-up: should not happen; say so loudly, then recover.
+            # CQEs waiting: normally their wake-up is pending (the eventfd is readable and
+            # the reader runs next), a race with task-work completions.  A CQE without
+            # a wake-up should not happen: say so loudly, then recover either way.
             self.watchdog_reaps += 1
-            log.warning("uring_watchdog_reaped")
+            readable = bool(select.select([self._efd], [], [], 0)[0])
+            if readable:
+                log.debug("uring_watchdog_reaped", wakeup_pending=True)
+            else:
+                log.warning("uring_watchdog_reaped", wakeup_pending=False)
             self._reap()
         if self._inflight:
             self._watchdog = self.loop.call_later(_WATCHDOG_PERIOD, self._on_watchdog)
