@@ -50,6 +50,7 @@ import struct
 from collections import deque
 from typing import Final
 
+from aiofused._buffers import BufferPool, PoolBuffer
 from aiofused._driver import UringCmd
 from aiofused._log import get_logger
 from aiofused._uapi import EIOCBQUEUED, BufDir
@@ -71,54 +72,42 @@ _ECONNRESET: Final = -errno.ECONNRESET
 
 
 class RelayPool:
-    """A bounded pool of equal, page-aligned buffers carved from one anonymous mapping.
+    """The relay's bounded pool: :class:`aiofused.BufferPool` slots handed out as views.
 
-    Pages are touched only when used, so a large pool costs address space, not memory,
-    until traffic needs it.
+    Page-aligned buffers from one ``MAP_NORESERVE`` mapping, reused last-in-first-out,
+    so only peak concurrency stays resident.
     """
 
     def __init__(self, buffer_size: int = 64 * 1024, count: int = 256) -> None:
         if buffer_size <= 0 or count <= 0:
             raise ValueError("buffer_size and count must be positive")
-        page = mmap.PAGESIZE
         self.buffer_size = buffer_size
         self.size = count
-        stride = -(-buffer_size // page) * page
-        # MAP_NORESERVE: the address space is not charged against overcommit up front.
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        self._map = mmap.mmap(-1, stride * count, flags=flags)
-        whole = memoryview(self._map)
-        self._free: list[memoryview] = [
-            whole[i * stride : i * stride + buffer_size] for i in range(count)
-        ]
-        # Safety: the slices keep ``whole`` (and so the mapping) alive; ``close`` releases
-        # them only when every buffer is back.
-        self._all = list(self._free)
-        self._whole = whole
+        self._pool = BufferPool(count, buffer_size)
+        self._held: dict[int, PoolBuffer] = {}
 
     @property
     def available(self) -> int:
         """Buffers currently in the pool."""
-        return len(self._free)
+        return self._pool.available
 
     def acquire(self) -> memoryview | None:
         """Take a buffer, or ``None`` if the pool is empty."""
-        return self._free.pop() if self._free else None
+        slot = self._pool.try_acquire()
+        if slot is None:
+            return None
+        self._held[id(slot.view)] = slot
+        return slot.view
 
     def release(self, buf: memoryview) -> None:
         """Give ``buf`` back."""
-        self._free.append(buf)
+        self._pool.release(self._held.pop(id(buf)))
 
     def close(self) -> None:
         """Unmap the pool; every buffer must be back."""
-        if len(self._free) != self.size:
-            raise RuntimeError(f"{self.size - len(self._free)} relay buffers still in use")
-        for view in self._all:
-            view.release()
-        self._free.clear()
-        self._all.clear()
-        self._whole.release()
-        self._map.close()
+        if self._held:
+            raise RuntimeError(f"{len(self._held)} relay buffers still in use")
+        self._pool.close()
 
 
 class _ChannelProtocol(asyncio.BufferedProtocol):
