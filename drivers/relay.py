@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import errno
 import itertools
-import mmap
 import socket
 import struct
 from collections import deque
@@ -63,7 +62,6 @@ log = get_logger("aiofused_drivers.relay")
 RELAY_RECV: Final = 1
 
 _CMD = struct.Struct("<Q")
-_MAP_NORESERVE: Final = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value
 _ECANCELED: Final = -errno.ECANCELED
 _EINVAL: Final = -errno.EINVAL
 _EBADF: Final = -errno.EBADF
