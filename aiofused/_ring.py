@@ -398,11 +398,6 @@ class Ring:
         """Number of CQEs waiting to be consumed."""
         return len(self._cq)
 
-    async def submit_and_wait(self, n: int = 1) -> list[Cqe]:
-        """``submit()`` then ``wait_cqes(n)``."""
-        self.submit()
-        return await self.wait_cqes(n)
-
     def register_driver(self, driver: Driver) -> DriverFile:
         """Put ``driver`` in the fixed-file table; use the result as an SQE's ``fd``."""
         if self._closing:
