@@ -17,10 +17,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from aiofused._errors import DriverError
+from aiofused._log import get_logger
 from aiofused._uapi import BufDir
 
 if TYPE_CHECKING:
     from aiofused._fused import Primary
+
+log = get_logger("aiofused.driver")
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -80,6 +83,7 @@ class UringCmd:
     """
 
     __slots__ = (
+        "_loop",
         "_owner",
         "buf_dir",
         "cancel_hook",
@@ -95,7 +99,10 @@ class UringCmd:
     def __init__(
         self, owner: Primary, cmd_op: int, cmd: bytes, is_fused: bool, buf_dir: BufDir | None
     ) -> None:
-        self._owner = owner
+        #: The primary behind this command; ``None`` once it completed (the ring drops
+        #: the link then, so a command a driver keeps holds no request alive).
+        self._owner: Primary | None = owner
+        self._loop = owner.ring.loop
         self.cmd_op = cmd_op
         self.cmd = cmd
         self.is_fused = is_fused
@@ -116,20 +123,28 @@ class UringCmd:
         has completed; it should call :meth:`done`.  The driver may reuse ``buf``
         only after the command's completion.
         """
-        self._owner.lend(buf, callback)
+        owner = self._owner
+        if owner is None:
+            raise DriverError("cannot lend a buffer: the command already completed")
+        owner.lend(buf, callback)
 
     def done(self, res: int, res2: int = 0) -> None:
         """Post the command's completion (``io_uring_cmd_done``)."""
-        self._owner.done(res, res2)
+        owner = self._owner
+        if owner is None:
+            log.debug("done_after_completion", user_data=self.user_data, res=res)
+            return
+        owner.done(res, res2)
 
     def complete_in_task(self, callback: Callable[[UringCmd], None]) -> None:
         """Run ``callback(cmd)`` as task work on the ring's loop."""
-        self._owner.ring.loop.call_soon(callback, self)
+        self._loop.call_soon(callback, self)
 
     @property
     def finished(self) -> bool:
         """True once the command's completion has been posted."""
-        return self._owner.finished
+        owner = self._owner
+        return owner is None or owner.finished
 
 
 _registry_cache: dict[str, importlib.metadata.EntryPoint] | None = None

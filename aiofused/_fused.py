@@ -71,6 +71,17 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 }
 
 
+# Hot-path aliases: a module global is far cheaper than an enum class attribute.
+_PREPARED, _ISSUED, _LENT, _RETURNING, _CLOSING, _DONE = State
+_UNLENT_FROM = (_LENT, _RETURNING, _CLOSING)
+#: ``TRANSITIONS`` keyed by plain ints (an enum member hashes through Python code).
+_EDGES = {(int(a), e): b for (a, e), b in TRANSITIONS.items()}
+_DEST = BufDir.DEST
+_SRC = BufDir.SRC
+_FLAG_DEST = int(IssueFlag.FUSED_BUF_DEST)
+_FLAG_SRC = int(IssueFlag.FUSED_BUF_SRC)
+
+
 class Primary:
     """The coordinator of one URING_CMD / FUSED_CMD request."""
 
@@ -98,7 +109,7 @@ class Primary:
         self.is_fused = is_fused
         self.cmd = UringCmd(self, cmd_op, cmd, is_fused, None)
         self.secondaries: list[Req] = []
-        self.state = State.PREPARED
+        self.state = _PREPARED
         self.outstanding = 0
         self.sealed = True
         self.results: list[int] = []
@@ -116,22 +127,22 @@ class Primary:
 
     def _step(self, event: str) -> None:
         try:
-            new = TRANSITIONS[(self.state, event)]
+            new = _EDGES[(self.state._value_, event)]
         except KeyError:
             raise DriverError(
                 f"fused command ud={self.req.user_data}: {event!r} is not allowed "
                 f"in state {self.state.name.lower()}"
             ) from None
-        if new is State.LENT:
+        if new is _LENT:
             lent_changed(1)
-        elif new is State.DONE and self.state in (State.LENT, State.RETURNING, State.CLOSING):
+        elif new is _DONE and self.state in _UNLENT_FROM:
             lent_changed(-1)
         self.state = new
 
     @property
     def finished(self) -> bool:
         """True once the primary's CQE was posted."""
-        return self.state is State.DONE
+        return self.state is _DONE
 
     # ---- entry points from the ring --------------------------------------------
 
@@ -147,11 +158,9 @@ class Primary:
         cmd.user_data = req.user_data
         flags = 0
         if self.is_fused:
-            flags = (
-                IssueFlag.FUSED_BUF_DEST if cmd.buf_dir is BufDir.DEST else IssueFlag.FUSED_BUF_SRC
-            )
+            flags = _FLAG_DEST if cmd.buf_dir is _DEST else _FLAG_SRC
         try:
-            ret: Any = driver.uring_cmd(cmd, int(flags))
+            ret: Any = driver.uring_cmd(cmd, flags)
         except Exception:
             log.exception("driver_raised", driver=driver.name, cmd_op=cmd.cmd_op)
             ret = EIO
@@ -160,13 +169,13 @@ class Primary:
         if not isinstance(ret, int) or isinstance(ret, bool):
             log.error("driver_bad_result", driver=driver.name, result=repr(ret))
             ret = EIO
-        if self.state is State.DONE:
+        if self.state is _DONE:
             return
         self.done(int(ret))
 
     def fail_unissued(self, res: int, drop_cqes: bool = False) -> None:
         """Fail a primary that never reached its driver: secondaries first (SPEC F-rules)."""
-        if self.state is not State.PREPARED:
+        if self.state is not _PREPARED:
             return
         self._step("fail")
         for s in self.secondaries:
@@ -177,7 +186,7 @@ class Primary:
         """ASYNC_CANCEL or ring close on this primary (SPEC F12)."""
         state = self.state
         cmd = self.cmd
-        if state is State.ISSUED:
+        if state is _ISSUED:
             cmd.cancelled = True
             hook = cmd.cancel_hook
             if hook is not None:
@@ -193,7 +202,7 @@ class Primary:
             self._cancel_unissued()
             self.ring._complete(self.req, ECANCELED)
             on_result(0)
-        elif state is State.LENT:
+        elif state is _LENT:
             cmd.cancelled = True
             self._cancel_inflight()
             on_result(0)
@@ -202,7 +211,7 @@ class Primary:
 
     def secondary_released(self, s: Req) -> None:
         """A secondary finally completed (for SEND_ZC: its NOTIF came)."""
-        if self.state not in (State.LENT, State.CLOSING) or s.sec_index < 0:
+        if self.state not in (_LENT, _CLOSING) or s.sec_index < 0:
             return
         self.results[s.sec_index] = s.res
         self.outstanding -= 1
@@ -214,7 +223,7 @@ class Primary:
         """``provide_buf_and_start``: lend ``buf``, issue every secondary at once."""
         if not self.is_fused:
             raise DriverError("provide_buf_and_start() on a plain URING_CMD")
-        if self.state is not State.ISSUED:
+        if self.state is not _ISSUED:
             raise DriverError(f"cannot lend a buffer in state {self.state.name.lower()}")
         if isinstance(buf, PoolBuffer):
             if buf.pool is self.ring._reg_pool:
@@ -228,7 +237,7 @@ class Primary:
             flat = mv.cast("B")
             mv.release()
             mv = flat
-        if self.cmd.buf_dir is BufDir.SRC or self.cmd.buf_dir is None:
+        if self.cmd.buf_dir is _SRC or self.cmd.buf_dir is None:
             ro = mv.toreadonly()
             mv.release()
             mv = ro
@@ -252,16 +261,16 @@ class Primary:
     def done(self, res: int, res2: int = 0) -> None:
         """``io_uring_cmd_done``: post the primary's result (SPEC F9-F10)."""
         state = self.state
-        if state is State.DONE:
+        if state is _DONE:
             log.debug("done_after_completion", user_data=self.req.user_data, res=res)
             return
-        if state is State.ISSUED:
+        if state is _ISSUED:
             self._finish_unlent(res)
-        elif state is State.RETURNING:
+        elif state is _RETURNING:
             self._step("done")
             self._release_views()
             self.ring._complete(self.req, res)
-        elif state is State.LENT:
+        elif state is _LENT:
             self._step("done")
             self._early_res = res
             self.sealed = True
@@ -282,7 +291,7 @@ class Primary:
 
     def add_secondary(self, s: Req) -> None:
         """Start one more secondary on an open (high-level) primary."""
-        if self.state is not State.LENT or self.sealed:
+        if self.state is not _LENT or self.sealed:
             raise DriverError(f"no secondary can start in state {self.state.name.lower()}")
         s.primary = self
         s.sec_index = len(self.results)
@@ -299,7 +308,7 @@ class Primary:
 
     def cancel_secondaries(self) -> None:
         """Cancel every secondary still in flight (scope exit with an exception)."""
-        if self.state in (State.LENT, State.CLOSING):
+        if self.state in (_LENT, _CLOSING):
             self.cmd.cancelled = True
             self._cancel_inflight()
 
@@ -340,10 +349,10 @@ class Primary:
     def _maybe_returned(self) -> None:
         if self.outstanding or not self.sealed:
             return
-        if self.state is State.LENT:
+        if self.state is _LENT:
             self._step("returned")
             self.ring.loop.call_soon(self._run_callback)
-        elif self.state is State.CLOSING:
+        elif self.state is _CLOSING:
             self._step("returned")
             self._release_views()
             self.ring._complete(self.req, self._early_res)
@@ -358,7 +367,7 @@ class Primary:
             callback(cmd)
         except Exception:
             log.exception("fused_callback_raised", cmd_op=cmd.cmd_op)
-            if self.state is State.RETURNING:
+            if self.state is _RETURNING:
                 self.done(EIO)
 
     def _release_views(self) -> None:

@@ -157,6 +157,7 @@ class FusedScope:
         prim.seal()
         cancelled = await self._wait_done(prim.cancel_secondaries)
         self.lease.result = self._res
+        self.lease = None  # the lease keeps its scope; this side of the cycle goes
         if cancelled and exc_type is None:
             raise asyncio.CancelledError
         return False

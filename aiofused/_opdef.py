@@ -166,7 +166,7 @@ def _prep_rw(ring: Ring, req: Req, sqe: Sqe) -> int:
         req.issue_err = EFAULT  # SPEC R5: an int addr only means something in a secondary
         return 0
     opdef = req.opdef
-    req.issue_err = _take_buffer(req, sqe.addr, sqe.len, opdef.buf_dir is BufDir.DEST)
+    req.issue_err = _take_buffer(req, sqe.addr, sqe.len, opdef.buf_dir is _DEST)
     return 0
 
 

@@ -83,6 +83,10 @@ _CQE_NOTIF = int(CqeFlag.NOTIF)
 _INIT_SLOW_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
 _FAST_EXCLUDED = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN)
 _OP_NOP = int(Op.NOP)
+_OP_FUSED_CMD = int(Op.FUSED_CMD)
+_OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
+_OP_SEND_ZC = int(Op.SEND_ZC)
+_OP_TIMEOUT = int(Op.TIMEOUT)
 _OP_READ_FIXED = int(Op.READ_FIXED)
 _OP_WRITE_FIXED = int(Op.WRITE_FIXED)
 _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
@@ -326,11 +330,11 @@ class Ring:
                         if req.state == INFLIGHT:
                             self._complete(req, EIO)
                     continue
-            if req.opcode == Op.FUSED_CMD:
+            if req.opcode == _OP_FUSED_CMD:
                 i = self._take_secondaries(req, sq, i, n)
             linked = bool(req.flags & _LINK_FLAGS)
             if chain is None:
-                if req.opcode == Op.LINK_TIMEOUT and not req.err:
+                if req.opcode == _OP_LINK_TIMEOUT and not req.err:
                     req.err = EINVAL  # a LINK_TIMEOUT must follow a linked request
                 if linked:
                     chain, chain_failed = [req], bool(req.err)
@@ -342,9 +346,9 @@ class Ring:
                     self._start_unit([req])
                 continue
             if (
-                req.opcode == Op.LINK_TIMEOUT
+                req.opcode == _OP_LINK_TIMEOUT
                 and not req.err
-                and chain[-1].opcode == Op.LINK_TIMEOUT
+                and chain[-1].opcode == _OP_LINK_TIMEOUT
             ):
                 req.err = EINVAL
             chain.append(req)
@@ -649,7 +653,7 @@ class Ring:
             count += 1
             if r.fused is not None:
                 count += len(r.fused.secondaries)
-            if r.opcode == Op.LINK_TIMEOUT and prev is not None and r.lt_target is None:
+            if r.opcode == _OP_LINK_TIMEOUT and prev is not None and r.lt_target is None:
                 prev.lt = r
                 r.lt_target = prev
                 continue
@@ -779,7 +783,7 @@ class Ring:
         if state >= RELEASED:
             log.error("late_completion", op=req.opcode, user_data=req.user_data)
             return
-        if req.opcode == Op.SEND_ZC:
+        if req.opcode == _OP_SEND_ZC:
             if flags & _CQE_NOTIF:
                 self._post(req, 0, _CQE_NOTIF)
                 self._release(req)
@@ -864,7 +868,7 @@ class Ring:
             return
         if req.fused is not None:
             req.fused.cancel(on_result)
-        elif req.opcode == Op.TIMEOUT:
+        elif req.opcode == _OP_TIMEOUT:
             if req.timer is not None:
                 req.timer.cancel()
                 req.timer = None
@@ -882,7 +886,7 @@ class Ring:
         if on_cqe is not None:
             on_cqe(res, flags)
             return
-        if req.opcode != Op.TIMEOUT:
+        if req.opcode != _OP_TIMEOUT:
             self._post_cqe(req.user_data, res, flags)
             return
         cq = self._cq  # a TIMEOUT's own CQE does not count for other timeouts
@@ -1006,8 +1010,18 @@ class Ring:
             req.handle = None
             req.backend = None
         self._live -= 1
+        # Break the request's reference cycles now, so that refcounting frees it (the
+        # cyclic GC never has to): primary <-> secondaries, primary <-> command,
+        # request <-> the callback owner.
+        req.on_cqe = None
+        fused = req.fused
+        if fused is not None:
+            req.fused = None
+            fused.cmd._owner = None
+            fused.on_lent = None
         prim = req.primary
         if prim is not None:
+            req.primary = None
             prim.secondary_released(req)
         self._after_release()
 

@@ -221,6 +221,7 @@ class AsyncioBackend(Backend):
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._thread_done, h, f))
 
     def _thread_done(self, h: _Op, fut: concurrent.futures.Future[int]) -> None:
+        h.cfut = None  # the future's done callback refers to h: no cycle once done
         if fut.cancelled():
             res = ECANCELED
         else:
