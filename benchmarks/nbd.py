@@ -7,7 +7,7 @@ and out (export -> ``null:``).
 
     python benchmarks/nbd.py                   # 1 GiB, 3 reps, all servers
     python benchmarks/nbd.py --size 256M --reps 1 --runtime 2
-    python benchmarks/nbd.py --aiofused-args="--workers 2"
+    python benchmarks/nbd.py --aiofused-workers 1    # one process (default: CPU count)
 
 Targets (issue): at iodepth 32 >= 1.0x qemu-nbd and >= 0.8x nbdkit; nbdcopy >= 1.5x
 qemu-nbd.  Every external command runs under a timeout; servers are stopped by pid.
@@ -167,6 +167,12 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=3.0, help="seconds per fio run")
     ap.add_argument("--servers", default="aiofused,nbdkit,qemu-nbd")
     ap.add_argument("--workloads", default=",".join(w for w, _ in WORKLOADS))
+    ap.add_argument(
+        "--aiofused-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="`nbd serve --workers` (default: the CPU count; nbdkit and qemu-nbd use threads)",
+    )
     ap.add_argument("--aiofused-args", default="", help="extra args for `nbd serve`")
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write results to this file")
@@ -180,7 +186,7 @@ def main() -> int:
             return 2
     size = parse_size(args.size)
     workloads = [w for w in args.workloads.split(",") if w]
-    extra = shlex.split(args.aiofused_args)
+    extra = ["--workers", str(args.aiofused_workers), *shlex.split(args.aiofused_args)]
     own = args.workdir is None
     workdir = args.workdir or tempfile.mkdtemp(prefix="nbdbench", dir="/tmp")
     os.makedirs(workdir, exist_ok=True)
@@ -226,7 +232,10 @@ def main() -> int:
         row = f"| {w} | {unit} | " + " | ".join(f"{med[s][w]:,.0f}" for s in servers)
         row += "".join(f" | {med['aiofused'][w] / med[s][w]:.2f}x" for s in ratios)
         print(row + " |")
-    print(f"\nmedian of {args.reps} rep(s), {size // MiB} MiB, fio runtime {args.runtime}s")
+    print(
+        f"\nmedian of {args.reps} rep(s), {size // MiB} MiB, fio runtime {args.runtime}s, "
+        f"aiofused: nbd serve {shlex.join(extra)}"
+    )
     if "aiofused" in servers:
         checks = []
         a = med["aiofused"]

@@ -4,6 +4,7 @@ several workers, structured logs, clean shutdown on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import socket
 import sys
 
 import pytest
-from aiofused_drivers.ublk.testing import missing_tools, run_client, short_tmpdir, uri
+from aiofused_drivers.ublk.testing import RawClient, missing_tools, run_client, short_tmpdir, uri
 
 pytestmark = pytest.mark.interop
 
@@ -138,6 +139,48 @@ async def test_serve_tcp_read_only_two_workers() -> None:
         finally:
             code, err = await srv.stop()
         assert code == 0, err
+
+
+@requires_clients
+@pytest.mark.timeout(60)
+async def test_workers_get_connections_evenly_and_share_data() -> None:
+    """--workers 2: the parent hands each connection to the least busy worker, so four
+    clients that stay connected land two per worker; a write served by one worker is
+    read back through the other (one page cache, CAN_MULTI_CONN)."""
+    with short_tmpdir() as d:
+        disk, sock = _disk(d), os.path.join(d, "s.sock")
+        srv = await start(
+            "--export",
+            f"disk=loop:{disk}",
+            "--socket",
+            sock,
+            "--workers",
+            "2",
+            "--log-format",
+            "json",
+            wait_for=sock,
+        )
+        clients: list[RawClient] = []
+        try:
+            for _ in range(4):
+                c = await RawClient.connect(sock)
+                await c.go("disk")
+                clients.append(c)
+            data = os.urandom(4096)
+            clients[0].request(1, 8192, 4096, cookie=7, payload=data)  # WRITE
+            assert await clients[0].simple_reply() == (0, 7, b"")
+            for k, c in enumerate(clients[1:], start=1):
+                c.request(0, 8192, 4096, cookie=k)  # READ
+                assert await c.simple_reply(4096) == (0, k, data)
+        finally:
+            for c in clients:
+                await c.close()
+            code, err = await srv.stop()
+        assert code == 0, err
+        logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        workers = [e["worker"] for e in logs if e["event"] == "nbd.connected"]
+        assert len(workers) == 4 and sorted(collections.Counter(workers).values()) == [2, 2]
+        assert not os.path.exists(sock)
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from aiofused._log import get_logger
 
 from . import _nbdproto as P
 from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, BlockRequest, IoOp, UblkDriver
+from ._dispatch import recv_connections, report_ended
 from ._reqbuf import ReqBuf, RequestBuffers
 from ._targets import Target
 
@@ -118,6 +119,7 @@ class NbdServer:
         self.connections: set[Connection] = set()
         self._listeners: list[socket.socket] = []
         self._accept_tasks: set[asyncio.Task[None]] = set()
+        self._channel: socket.socket | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._closing = False
@@ -162,6 +164,34 @@ class NbdServer:
         self._accept_tasks.add(task)
         task.add_done_callback(self._accept_tasks.discard)
 
+    def serve_channel(self, channel: socket.socket) -> None:
+        """Serve the connections a dispatching parent passes over ``channel``
+        (``nbd serve --workers N``, see :mod:`._dispatch`); report each one's end."""
+        channel.setblocking(False)
+        self._channel = channel
+        asyncio.get_running_loop().add_reader(channel.fileno(), self._on_channel)
+
+    def _on_channel(self) -> None:
+        channel = self._channel
+        assert channel is not None
+        while True:
+            socks = recv_connections(channel)
+            if socks is None:  # the parent is gone: no more connections come
+                asyncio.get_running_loop().remove_reader(channel.fileno())
+                return
+            if not socks:
+                return
+            for sock in socks:
+                if self._closing:
+                    sock.close()
+                    report_ended(channel)
+                    continue
+                try:
+                    peer = sock.getpeername()
+                except OSError:
+                    peer = None
+                self._start_connection(sock, peer)
+
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
@@ -173,15 +203,25 @@ class NbdServer:
                 log.warning("nbd.accept_failed", error=str(e))
                 await asyncio.sleep(0.05)
                 continue
-            conn = Connection(self, sock, next(self._ids), peer)
-            task = asyncio.create_task(conn.run(), name=f"nbd-conn-{conn.id}")
-            conn.task = task
-            self._conn_tasks.add(task)
-            task.add_done_callback(self._conn_tasks.discard)
+            self._start_connection(sock, peer)
+
+    def _start_connection(self, sock: socket.socket, peer: Any) -> None:
+        conn = Connection(self, sock, next(self._ids), peer)
+        task = asyncio.create_task(conn.run(), name=f"nbd-conn-{conn.id}")
+        conn.task = task
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_tasks.discard)
+
+    def _connection_ended(self) -> None:
+        if self._channel is not None:
+            report_ended(self._channel)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish (up to ``timeout``), disconnect."""
         self._closing = True
+        if self._channel is not None:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._channel.fileno())
         for t in list(self._accept_tasks):
             t.cancel()
         for sock in self._listeners:
@@ -264,6 +304,7 @@ class Connection:
             srv.connections.discard(self)
             if not self.closed:
                 self._close(self.close_reason or "done")
+            srv._connection_ended()
 
     async def _handshake(self) -> bool:
         srv = self.server
@@ -313,6 +354,7 @@ class Connection:
         self.log.info(
             "nbd.connected",
             peer=str(self.peer),
+            worker=os.getpid(),
             structured=hs.structured,
             meta_context=hs.meta_context,
             block_size=hs.block_size_agreed,

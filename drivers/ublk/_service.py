@@ -144,6 +144,10 @@ class BlockService:
     def serve(self, listener: socket.socket) -> None:
         self.nbd.serve(listener)
 
+    def serve_channel(self, channel: socket.socket) -> None:
+        """Serve connections a dispatching parent passes over ``channel``."""
+        self.nbd.serve_channel(channel)
+
     async def aclose(self) -> None:
         if self._nbd is not None:
             await self._nbd.close()

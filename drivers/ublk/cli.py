@@ -26,6 +26,7 @@ from typing import Any
 
 from aiofused._log import configure_logging, get_logger
 
+from ._dispatch import Dispatcher
 from ._nbd import NbdServer
 from ._service import BlockService, ExportSpec, parse_export
 from ._targets import LinearTarget, MirrorTarget, parse_size
@@ -138,8 +139,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_worker(
-    listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
+    source: socket.socket,
+    specs: Sequence[ExportSpec],
+    args: argparse.Namespace,
+    where: str,
+    passed: bool = False,
 ) -> int:
+    """Run one server process on a listening socket, or (``passed``) on the channel a
+    dispatching parent hands connections over."""
     use_uvloop = args.loop == "uvloop"
     if args.loop == "auto":
         try:
@@ -148,7 +155,7 @@ def _run_worker(
             use_uvloop = True
         except ImportError:
             use_uvloop = False
-    coro = _serve(listener, specs, args, where)
+    coro = _serve(source, specs, args, where, passed)
     try:
         if use_uvloop:
             import uvloop
@@ -160,7 +167,11 @@ def _run_worker(
 
 
 async def _serve(
-    listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
+    source: socket.socket,
+    specs: Sequence[ExportSpec],
+    args: argparse.Namespace,
+    where: str,
+    passed: bool,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -184,7 +195,10 @@ async def _serve(
             pool_buffer_size=parse_size(args.pool_buffer_size),
         )
         async with service:
-            service.serve(listener)
+            if passed:
+                service.serve_channel(source)
+            else:
+                service.serve(source)
             log.info(
                 "nbd.listening",
                 address=where,
@@ -196,7 +210,7 @@ async def _serve(
             log.info("nbd.shutting_down", connections=len(service.nbd.connections))
     except (OSError, ValueError) as e:
         log.error("nbd.start_failed", error=str(e))
-        listener.close()
+        source.close()
         return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -217,38 +231,30 @@ def _die_with_parent() -> None:
 def _prefork(
     listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
 ) -> int:
-    """Fork ``--workers`` processes sharing the listening socket; forward SIGTERM/SIGINT."""
+    """Fork ``--workers`` processes; this process accepts and hands each connection to
+    the least busy worker (:mod:`._dispatch`), forwarding SIGTERM/SIGINT."""
     children: list[int] = []
+    channels: list[socket.socket] = []
     for _ in range(args.workers):
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # child
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
+            listener.close()
+            parent_end.close()
+            for ch in channels:
+                ch.close()
             code = 1
             try:
-                code = _run_worker(listener, specs, args, where)
+                code = _run_worker(child_end, specs, args, where, passed=True)
             finally:
                 os._exit(code)
+        child_end.close()
         children.append(pid)
-    listener.close()
-
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    for pid in children:
-        while True:
-            try:
-                _, st = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        code = os.waitstatus_to_exitcode(st)
-        status = status or (code if code > 0 else 0)
+        channels.append(parent_end)
+    log.info("nbd.dispatching", address=where, workers=children, pid=os.getpid())
+    status = Dispatcher(listener, channels, children).run()
     if args.socket:
         with contextlib.suppress(OSError):
             os.unlink(args.socket)
