@@ -153,11 +153,13 @@ class IoDesc:
 class _Io:
     """Per-tag state (``struct ublk_io``)."""
 
-    __slots__ = ("cmd", "req")
+    __slots__ = ("cmd", "key", "req")
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[int, int]) -> None:
         self.cmd: UringCmd | None = None
         self.req: BlockRequest | None = None
+        #: ``(q_id, tag)``, what an armed command's pdu names.
+        self.key = key
 
 
 class _Queue:
@@ -165,7 +167,7 @@ class _Queue:
 
     def __init__(self, q_id: int, depth: int) -> None:
         self.q_id = q_id
-        self.ios = [_Io() for _ in range(depth)]
+        self.ios = [_Io((q_id, tag)) for tag in range(depth)]
         self.iods = [IoDesc() for _ in range(depth)]
         self.free_tags: collections.deque[int] = collections.deque()
         self.backlog: collections.deque[BlockRequest] = collections.deque()
@@ -198,6 +200,7 @@ class UblkDriver:
         self.queue_depth = queue_depth
         self.logical_block_size = logical_block_size
         self._queues = [_Queue(q, queue_depth) for q in range(nr_queues)]
+        self._cancel_hook = self._cancel  # one bound method, not one per armed command
         self._stopped = False
         #: Requests queued and not yet ended (for leak checks).
         self.inflight = 0
@@ -297,8 +300,8 @@ class UblkDriver:
 
     def _arm(self, q: _Queue, tag: int, io: _Io, cmd: UringCmd) -> None:
         io.cmd = cmd
-        cmd.cancel_hook = self._cancel
-        cmd.pdu["ublk"] = (q.q_id, tag)
+        cmd.cancel_hook = self._cancel_hook
+        cmd.pdu["ublk"] = io.key
         if q.backlog:
             self._start(q, tag, q.backlog.popleft())
         else:

@@ -63,6 +63,7 @@ _REQ_ONE: Final = int(P.CmdFlag.REQ_ONE)
 _READ: Final = int(P.Cmd.READ)
 _WRITE: Final = int(P.Cmd.WRITE)
 _IO_READ: Final = int(IoOp.READ)
+_STAT_KEYS: Final = {int(c): f"cmd{int(c)}" for c in P.Cmd}
 
 
 class Export:
@@ -519,7 +520,7 @@ class Connection:
         assert driver is not None
         size = self._size
         align = self._align - 1
-        self.server.stats[f"cmd{typ}"] += 1
+        self.server.stats[_STAT_KEYS.get(typ) or f"cmd{typ}"] += 1
         if flags & ~_KNOWN_FLAGS:
             self._error(cookie, _EINVAL, discard=length if typ == _WRITE else 0)
             return

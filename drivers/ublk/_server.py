@@ -61,6 +61,13 @@ def _ud(dev: int, kind: int, index: int, q_id: int, tag: int) -> int:
     return (dev << 48) | (kind << 40) | (index << 32) | (q_id << 16) | tag
 
 
+# ``kind`` already shifted into place, to OR into a tag's base user_data.
+_UD_IO: Final = KIND_IO << 40
+_UD_FUSED: Final = KIND_FUSED << 40
+_UD_SEC: Final = KIND_SEC << 40
+_UD_FSYNC: Final = KIND_FSYNC << 40
+
+
 @dataclasses.dataclass(slots=True)
 class Piece:
     """One secondary: ``nbytes`` at ``file_offset`` of ``fd`` <-> ``at`` in the request
@@ -76,12 +83,14 @@ class Piece:
 class Ctx:
     """Per-tag context a target works with while it owns the tag's request."""
 
-    __slots__ = ("attempt", "failed", "iod", "q_id", "scratch", "server", "tag")
+    __slots__ = ("attempt", "failed", "iod", "q_id", "scratch", "server", "tag", "ud")
 
     def __init__(self, server: UblkServer, q_id: int, tag: int, iod: IoDesc) -> None:
         self.server = server
         self.q_id = q_id
         self.tag = tag
+        #: user_data of this tag's SQEs with kind and index 0.
+        self.ud = _ud(server.dev_id, 0, 0, q_id, tag)
         self.iod = iod
         #: (label, res) of the secondaries that failed in the last fused submit.
         self.failed: list[tuple[int, int]] = []
@@ -277,14 +286,14 @@ class UblkServer:
     ) -> None:
         host = self.host
         n = len(pieces)
-        dev, q_id, tag = self.dev_id, ctx.q_id, ctx.tag
+        q_id, tag, ud = ctx.q_id, ctx.tag, ctx.ud
         expected = pieces[0].nbytes if n == 1 else sum(p.nbytes for p in pieces)
         host.reserve(n + len(fsync_fds) + 2)
         ctx.failed.clear()
         sqe = host.sqe()
         sqe.prep_fused_cmd(self.dfile, UBLK_IO_FUSED_SUBMIT_IO, n, pack_io_cmd(q_id, tag, expected))
         sqe.flags |= _SKIP_LINK
-        sqe.user_data = _ud(dev, KIND_FUSED, 0, q_id, tag)
+        sqe.user_data = ud | _UD_FUSED
         dest = buf_dir == _DEST
         for p in pieces:
             s = host.sqe()
@@ -293,12 +302,12 @@ class UblkServer:
             else:
                 s.prep_write(p.fd, p.at, p.nbytes, p.file_offset)
             s.flags |= _SKIP
-            s.user_data = _ud(dev, KIND_SEC, p.label, q_id, tag)
+            s.user_data = ud | _UD_SEC | (p.label << 32)
         for fd in fsync_fds:
             s = host.sqe()
             s.prep_fsync(fd, IORING_FSYNC_DATASYNC)
             s.flags |= _SKIP_LINK
-            s.user_data = _ud(dev, KIND_FSYNC, 0, q_id, tag)
+            s.user_data = ud | _UD_FSYNC
         self._prep_commit(ctx, ctx.iod.nr_bytes if result is None else result)
 
     def submit_fsync(self, ctx: Ctx, fds: Sequence[int], result: int) -> None:
@@ -308,7 +317,7 @@ class UblkServer:
             s = host.sqe()
             s.prep_fsync(fd)
             s.flags |= _SKIP_LINK
-            s.user_data = _ud(self.dev_id, KIND_FSYNC, 0, ctx.q_id, ctx.tag)
+            s.user_data = ctx.ud | _UD_FSYNC
         self._prep_commit(ctx, result)
 
     def submit_commit(self, ctx: Ctx, result: int) -> None:
@@ -320,5 +329,5 @@ class UblkServer:
         sqe.prep_uring_cmd(
             self.dfile, UBLK_IO_COMMIT_AND_FETCH_REQ, pack_io_cmd(ctx.q_id, ctx.tag, result)
         )
-        sqe.user_data = _ud(self.dev_id, KIND_IO, 0, ctx.q_id, ctx.tag)
+        sqe.user_data = ctx.ud | _UD_IO
         self.host.kick()
