@@ -156,6 +156,44 @@ async def test_mirror_replica_failing_mid_run(ring_backend: str) -> None:
 
 @requires_clients
 @pytest.mark.timeout(60)
+async def test_mirror_replica_failing_fsync_is_taken_out(ring_backend: str) -> None:
+    """A replica whose fsync fails (here: its fd now names /dev/zero, where writes
+    vanish, reads return zeroes and fsync is EINVAL) leaves service at the FLUSH or FUA
+    write that found it; the request still succeeds on the other replicas, and no
+    later read is served from it."""
+    with short_tmpdir() as d:
+        paths = _files(d, 3, 8 * MiB)
+        target = MirrorTarget(paths)
+        try:
+            async with serve(backend=ring_backend, targets=[("m", target, False)]) as srv:
+                u = srv.uri("m")
+                await qemu_io(u, "write -P 0x11 0 64k", "flush")
+                assert target.healthy == [0, 1, 2]
+                bad = os.open("/dev/zero", os.O_RDWR)
+                os.dup2(bad, target.fds[1])
+                os.close(bad)
+                await qemu_io(u, "write -P 0x22 0 64k", "flush")
+                assert target.healthy == [0, 2]
+                await qemu_io(u, *["read -P 0x22 0 64k"] * 4, "write -f -P 0x33 1M 64k")
+                # The same through FUA alone: replica 2 fails at a FUA write.
+                bad = os.open("/dev/zero", os.O_RDWR)
+                os.dup2(bad, target.fds[2])
+                os.close(bad)
+                await qemu_io(u, "write -f -P 0x44 2M 64k", *["read -P 0x44 2M 64k"] * 3)
+                assert target.healthy == [0]
+                assert await settle(srv.service) == NO_LEAKS
+        finally:
+            target.close()
+        with open(paths[0], "rb") as f:
+            assert f.read(65536) == b"\x22" * 65536
+            f.seek(MiB)
+            assert f.read(65536) == b"\x33" * 65536
+            f.seek(2 * MiB)
+            assert f.read(65536) == b"\x44" * 65536
+
+
+@requires_clients
+@pytest.mark.timeout(60)
 async def test_linear_mapping_persists_across_restart(ring_backend: str) -> None:
     with short_tmpdir() as d:
         pvs = _files(d, 2, 8 * MiB, "pv")

@@ -10,7 +10,8 @@ turns each fetched request into one submission chain, using the low-level API::
 
 so a request that succeeds costs one CQE: the next request arriving on its tag.  A
 failing member posts its own CQE and, by SPEC L4, silences the rest of the chain; the
-server then asks the target (:meth:`Target.fused_failed`) and commits itself.
+server then asks the target (:meth:`Target.fused_failed`, :meth:`Target.fsync_failed`)
+what to commit.
 
 ``user_data`` layout: ``dev u16 | kind u8 | index u8 | q_id u16 | tag u16``.
 """
@@ -83,7 +84,18 @@ class Piece:
 class Ctx:
     """Per-tag context a target works with while it owns the tag's request."""
 
-    __slots__ = ("attempt", "failed", "iod", "q_id", "scratch", "server", "tag", "ud")
+    __slots__ = (
+        "attempt",
+        "failed",
+        "fsync_fds",
+        "iod",
+        "q_id",
+        "result",
+        "scratch",
+        "server",
+        "tag",
+        "ud",
+    )
 
     def __init__(self, server: UblkServer, q_id: int, tag: int, iod: IoDesc) -> None:
         self.server = server
@@ -95,6 +107,10 @@ class Ctx:
         #: (label, res) of the secondaries that failed in the last fused submit.
         self.failed: list[tuple[int, int]] = []
         self.attempt = 0
+        #: The fds of the FSYNCs in the last submission (an FSYNC CQE names its index).
+        self.fsync_fds: Sequence[int] = ()
+        #: The result the last submission commits if every member succeeds.
+        self.result = 0
         self.scratch: Any = None
 
     def fused(
@@ -271,8 +287,13 @@ class UblkServer:
                 log.exception("ublk.target_failed", q_id=q_id, tag=tag)
                 ctx.commit(-errno.EIO)
         elif kind == KIND_FSYNC:
-            log.warning("ublk.fsync_failed", q_id=q_id, tag=tag, res=res)
-            ctx.commit(res)
+            fds = ctx.fsync_fds
+            index = (ud >> 32) & 0xFF
+            try:
+                self.target.fsync_failed(ctx, fds[index] if index < len(fds) else -1, res)
+            except Exception:
+                log.exception("ublk.target_failed", q_id=q_id, tag=tag)
+                ctx.commit(-errno.EIO)
 
     # ---- submissions ----------------------------------------------------------------
 
@@ -303,21 +324,23 @@ class UblkServer:
                 s.prep_write(p.fd, p.at, p.nbytes, p.file_offset)
             s.flags |= _SKIP
             s.user_data = ud | _UD_SEC | (p.label << 32)
-        for fd in fsync_fds:
+        ctx.fsync_fds = fsync_fds
+        for i, fd in enumerate(fsync_fds):
             s = host.sqe()
             s.prep_fsync(fd, IORING_FSYNC_DATASYNC)
             s.flags |= _SKIP_LINK
-            s.user_data = ud | _UD_FSYNC
+            s.user_data = ud | _UD_FSYNC | (i << 32)
         self._prep_commit(ctx, ctx.iod.nr_bytes if result is None else result)
 
     def submit_fsync(self, ctx: Ctx, fds: Sequence[int], result: int) -> None:
         host = self.host
         host.reserve(len(fds) + 1)
-        for fd in fds:
+        ctx.fsync_fds = fds
+        for i, fd in enumerate(fds):
             s = host.sqe()
             s.prep_fsync(fd)
             s.flags |= _SKIP_LINK
-            s.user_data = ctx.ud | _UD_FSYNC
+            s.user_data = ctx.ud | _UD_FSYNC | (i << 32)
         self._prep_commit(ctx, result)
 
     def submit_commit(self, ctx: Ctx, result: int) -> None:
@@ -325,6 +348,7 @@ class UblkServer:
         self._prep_commit(ctx, result)
 
     def _prep_commit(self, ctx: Ctx, result: int) -> None:
+        ctx.result = result
         sqe = self.host.sqe()
         sqe.prep_uring_cmd(
             self.dfile, UBLK_IO_COMMIT_AND_FETCH_REQ, pack_io_cmd(ctx.q_id, ctx.tag, result)

@@ -203,6 +203,11 @@ class Target:
         log.warning("ublk.io_error", target=self.kind, op=ctx.iod.op, offset=ctx.iod.start, res=res)
         ctx.commit(res)
 
+    def fsync_failed(self, ctx: Ctx, fd: int, res: int) -> None:
+        """The FSYNC of ``fd`` (FLUSH, or FUA) failed; the rest of its chain did not run."""
+        log.warning("ublk.fsync_failed", target=self.kind, op=ctx.iod.op, fd=fd, res=res)
+        ctx.commit(res)
+
 
 class NullTarget(Target):
     """Discards writes, reads zeroes; still moves data through fused commands."""
@@ -343,6 +348,20 @@ class MirrorTarget(Target):
             self.handle(ctx)
         else:
             ctx.commit(res)
+
+    def fsync_failed(self, ctx: Ctx, fd: int, res: int) -> None:
+        """A replica that cannot make its data durable is taken out of service; the
+        request succeeds once every replica still healthy was synced."""
+        if fd not in self.fds:
+            super().fsync_failed(ctx, fd, res)
+            return
+        self._fail(self.fds.index(fd), res)
+        if not self.healthy:
+            ctx.commit(res)
+            return
+        # The failing FSYNC severed its chain: sync the healthy replicas again (each
+        # round takes one replica out, so this ends), then commit what was intended.
+        ctx.fsync_then_commit(self.flush_fds(), ctx.result)
 
     def flush_fds(self) -> Sequence[int]:
         return [self.fds[r] for r in self.healthy]
