@@ -149,8 +149,14 @@ class Primary:
     def issue(self) -> None:
         """Run the driver's ``uring_cmd`` (SPEC F6-F7)."""
         req = self.req
-        driver, err = check_driver_fd(req, self.is_fused)
-        self._step("issue")
+        err = 0
+        driver = req.driver
+        if driver is None or (self.is_fused and not driver.can_fused):
+            driver, err = check_driver_fd(req, self.is_fused)
+        if self.state is _PREPARED:
+            self.state = _ISSUED
+        else:
+            self._step("issue")  # raises: issued twice
         if driver is None:
             self._finish_unlent(err)
             return

@@ -733,7 +733,11 @@ class Ring:
                     self._inflight[lt] = None
                     lt.timer = self.loop.call_later(lt.seconds, self._link_timeout_fired, lt)
                 try:
-                    req.opdef.issue(self, req)
+                    fused = req.fused
+                    if fused is not None:
+                        fused.issue()
+                    else:
+                        req.opdef.issue(self, req)
                 except Exception:
                     log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
                     if req.state == INFLIGHT:
@@ -761,11 +765,11 @@ class Ring:
             state == INFLIGHT
             and req.link is None
             and req.lt is None
-            and req.primary is None
             and req.on_cqe is None
             and not flags
         ):
-            # Fast path: a plain op with nothing linked, its CQE goes to the CQ.
+            # Fast path: a plain op or a fused secondary with nothing linked, whose CQE
+            # goes to the CQ (_finish + _release for exactly this case).
             req.state = RELEASED
             req.res = res
             del self._inflight[req]
@@ -777,6 +781,10 @@ class Ring:
                 view_release(buf)
             req.file = req.handle = req.backend = None
             self._live -= 1
+            prim = req.primary
+            if prim is not None:
+                req.primary = None
+                prim.secondary_released(req)
             if self._live == 0 or self._deferred:
                 self._after_release()
             return
