@@ -10,8 +10,8 @@ Contenders, all measured in the same run and on the same loop:
               backend driven like ``uring-be``)
   uring-be    the uring backend driven directly: N coroutines, one future per read
   uring-cb    the uring backend driven by completion callbacks (no future per read)
-  asyncio     ``aiofused.Ring(backend="asyncio")`` (the asyncio backend's thread pool for
-              files), driven like ``uring``
+  asyncio     ``aiofused.Ring(backend="asyncio")`` (inline ``RWF_NOWAIT`` reads for cached
+              data, the backend's thread pool otherwise), driven like ``uring``
   aiofiles    one handle per coroutine: ``await f.seek(off); await f.read(n)``
   executor    ``await loop.run_in_executor(None, os.preadv, fd, [buf], off)``
   fio         ``fio --ioengine=io_uring`` with the same depth (skipped if fio is absent)

@@ -8,13 +8,20 @@ It does what io_uring does for each op, with the loop's primitives:
   with ``MSG_DONTWAIT``; on EAGAIN park the op in a per-fd FIFO watched by one
   ``add_reader``/``add_writer`` (io_uring's poll arming), and retry on readiness.
   ``MSG_WAITALL`` is honoured by retrying until the whole length moved.
-* regular files, block devices and blocking descriptors: a small thread pool runs
+* regular files (buffered, explicit offset): READ/WRITE first try ``preadv``/``pwritev``
+  with ``RWF_NOWAIT`` on the loop, as the kernel issues with ``IOCB_NOWAIT``.  A full
+  transfer (or EOF) completes from there; on EAGAIN or a short count the rest of the
+  transfer goes to the thread pool, which retries short counts until EOF.  A filesystem
+  that refuses ``RWF_NOWAIT`` (EOPNOTSUPP/EINVAL) is remembered per backend and goes
+  straight to the pool.  ``O_DIRECT`` and synchronous writes always go to the pool.
+* block devices, blocking descriptors and the rest: a small thread pool runs
   ``preadv``/``pwritev``/``fsync`` (io_uring's io-wq), so the loop never blocks.
 
 Completions are delivered with ``loop.call_soon`` (or ``call_soon_threadsafe`` from
 the pool), never inside ``start``/``cancel``.  Cancel removes a parked op at once
 (-ECANCELED), cancels a pool job that has not started, and answers -EALREADY for one
-that is running: the ring keeps holding its buffer until it completes.
+that is running or that already moved bytes inline: the ring keeps holding its buffer
+until it completes.  An op finished inline answers -ENOENT, as any finished op.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat
 from collections.abc import Callable
 from typing import ClassVar
 
+from aiofused._log import get_logger
 from aiofused._uapi import EALREADY, ECANCELED, ENOENT, CqeFlag, Op
 from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
 
@@ -39,6 +48,16 @@ _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
 _SOCK_OPS = frozenset({Op.SEND, Op.RECV, Op.SEND_ZC})
 _FSYNC_DATASYNC = 1
+# 0 where the platform has no RWF_NOWAIT: every file op then goes to the pool.
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+_RWF_SYNC_ANY: int = getattr(os, "RWF_DSYNC", 0) | getattr(os, "RWF_SYNC", 0)
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+# O_SYNC includes the O_DSYNC bit on Linux.
+_O_DSYNC: int = getattr(os, "O_DSYNC", 0)
+# Errors meaning "this file does not do RWF_NOWAIT" (EINVAL: some filesystems' writes).
+_NOWAIT_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EINVAL})
+
+log = get_logger("aiofused.backend.asyncio")
 
 # Handle states.
 _NEW, _PARKED, _THREAD, _DONE = range(4)
@@ -70,11 +89,23 @@ class AsyncioBackend(Backend):
         {Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC, Op.FSYNC}
     )
 
+    #: Try regular-file READ/WRITE inline with RWF_NOWAIT first (False: always the pool).
+    _NOWAIT_DEFAULT: ClassVar[bool] = bool(_RWF_NOWAIT)
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._parked: dict[tuple[int, bool], collections.deque[_Op]] = {}
         self._live = 0
+        self._nowait = self._NOWAIT_DEFAULT
+        #: (st_dev, write) pairs whose files refused RWF_NOWAIT.
+        self._no_nowait: set[tuple[int, bool]] = set()
+        #: File READ/WRITEs completed on the loop without the pool.
+        self.inline_ops = 0
+        #: Jobs handed to the thread pool (including the rest of a short inline op).
+        self.pool_ops = 0
+        #: File READ/WRITEs that moved some bytes inline and finished in the pool.
+        self.partial_ops = 0
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -122,7 +153,9 @@ class AsyncioBackend(Backend):
         except OSError as exc:
             self._finish(h, _errno_res(exc))
             return h
-        if blocking:
+        if self._nowait and op.offset >= 0 and stat.S_ISREG(st.st_mode):
+            self._start_file(h, st.st_dev)
+        elif blocking:
             fn = _pwrite if h.write else _pread
             # A stream (pipe, tty, socket) has no position: the offset is ignored, as the
             # kernel does for FMODE_STREAM files.
@@ -131,6 +164,69 @@ class AsyncioBackend(Backend):
         else:
             self._attempt(h)
         return h
+
+    # ---- regular files: inline RWF_NOWAIT, then the pool ------------------------------
+
+    def _start_file(self, h: _Op, dev: int) -> None:
+        """READ/WRITE on a regular file: inline without blocking, else the pool."""
+        io = h.io
+        write = h.write
+        key = (dev, write)
+        if key not in self._no_nowait and not (write and io.rw_flags & _RWF_SYNC_ANY):
+            try:
+                fl = fcntl.fcntl(io.fd, fcntl.F_GETFL)
+            except OSError as exc:
+                self._finish(h, _errno_res(exc))
+                return
+            # O_DIRECT would wait for the device on the loop, a sync write for the flush.
+            if not (fl & _O_DIRECT or (write and fl & _O_DSYNC)):
+                res = self._inline(h, key)
+                if res is not None:
+                    self.inline_ops += 1
+                    self._finish(h, res)
+                    return
+                if h.done:
+                    self.partial_ops += 1
+        self._to_thread(h, _prw_rest, io.fd, io.buf, io.offset, io.rw_flags, write, h.done)
+
+    def _inline(self, h: _Op, key: tuple[int, bool]) -> int | None:
+        """Move what the page cache allows now; return the result, or None to punt the rest."""
+        io = h.io
+        buf = io.buf
+        assert buf is not None
+        want = len(buf)
+        fd = io.fd
+        flags = io.rw_flags | _RWF_NOWAIT
+        caller_nowait = io.rw_flags & _RWF_NOWAIT  # then EAGAIN and short counts are final
+        while True:
+            done = h.done
+            view = buf if not done else buf[done:]
+            try:
+                if h.write:
+                    n = os.pwritev(fd, [view], io.offset + done, flags)
+                else:
+                    n = os.preadv(fd, [view], io.offset + done, flags)
+            except BlockingIOError:
+                if caller_nowait:
+                    return done if done else -errno.EAGAIN
+                return None
+            except OverflowError:  # an offset or flags no off_t/int holds, as -EINVAL
+                return done if done else -errno.EINVAL
+            except OSError as exc:
+                if done:
+                    return done
+                if exc.errno in _NOWAIT_REFUSED and not caller_nowait:
+                    if not io.rw_flags:  # RWF_NOWAIT alone was refused: remember the fs
+                        self._no_nowait.add(key)
+                        log.debug("nowait_refused", fd=fd, write=h.write, errno=exc.errno)
+                    return None
+                return _errno_res(exc)
+            finally:
+                if view is not buf:
+                    view.release()
+            h.done = done + n
+            if n == 0 or h.done >= want or caller_nowait:
+                return h.done
 
     # ---- readiness path ----------------------------------------------------------
 
@@ -215,6 +311,7 @@ class AsyncioBackend(Backend):
                 max_workers=8, thread_name_prefix="aiofused-io"
             )
         h.state = _THREAD
+        self.pool_ops += 1
         fut = pool.submit(fn, *args)
         h.cfut = fut
         loop = self.loop
@@ -274,7 +371,8 @@ class AsyncioBackend(Backend):
             res = 0
         elif h.state == _THREAD:
             assert h.cfut is not None
-            res = 0 if h.cfut.cancel() else EALREADY
+            # Bytes already moved inline: the op is running, it completes with its count.
+            res = 0 if not h.done and h.cfut.cancel() else EALREADY
         elif h.state == _DONE:
             res = ENOENT
         else:
@@ -302,6 +400,31 @@ def _pwrite(fd: int, buf: memoryview, offset: int, flags: int) -> int:
     if flags:
         return os.pwritev(fd, [buf], offset, flags)
     return os.pwritev(fd, [buf], offset)
+
+
+def _prw_rest(fd: int, buf: memoryview, offset: int, flags: int, write: bool, done: int) -> int:
+    """Move ``buf[done:]`` at ``offset + done``, retrying short counts until EOF.
+
+    Return the total moved; an error after some progress returns the progress.
+    """
+    want = len(buf)
+    while True:
+        view = buf[done:] if done else buf
+        try:
+            if write:
+                n = os.pwritev(fd, [view], offset + done, flags)
+            else:
+                n = os.preadv(fd, [view], offset + done, flags)
+        except OSError:
+            if done:
+                return done
+            raise
+        finally:
+            if view is not buf:
+                view.release()
+        done += n
+        if n == 0 or done >= want or flags & _RWF_NOWAIT:
+            return done
 
 
 def _fsync(fd: int, datasync: bool) -> int:
