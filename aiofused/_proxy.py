@@ -287,12 +287,18 @@ class _Discard(asyncio.BufferedProtocol):
 
 
 class _Mirror:
-    """One shadow upstream of one connection."""
+    """One shadow upstream of one connection.
 
-    __slots__ = ("busy", "conn", "endpoint", "failed", "sock", "task", "transport")
+    It keeps the connection's id and the server's counters, not the connection: the
+    connection lists its mirrors, and a back-reference would make every mirrored
+    connection a reference cycle, left for the cyclic GC.
+    """
 
-    def __init__(self, conn: _Connection, endpoint: Endpoint) -> None:
-        self.conn = conn
+    __slots__ = ("busy", "conn_id", "endpoint", "failed", "sock", "stats", "task", "transport")
+
+    def __init__(self, conn_id: int, stats: ProxyStats, endpoint: Endpoint) -> None:
+        self.conn_id = conn_id
+        self.stats = stats
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.transport: asyncio.BaseTransport | None = None
@@ -321,11 +327,10 @@ class _Mirror:
         if self.failed:
             return
         self.failed = True
-        stats = self.conn.server.stats
-        stats.mirror_failures += 1
+        self.stats.mirror_failures += 1
         log.warning(
             "mirror_cut",
-            conn=self.conn.id,
+            conn=self.conn_id,
             mirror=str(self.endpoint),
             reason=reason,
             error=repr(exc) if exc is not None else None,
@@ -501,6 +506,7 @@ class ProxyServer:
         if self._accept_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
+            self._accept_task = None  # its CancelledError's traceback holds ``self``
         pending = set(self._conn_tasks)
         if pending and timeout > 0:
             log.info("proxy_draining", connections=len(pending), timeout=timeout)
@@ -537,11 +543,17 @@ class ProxyServer:
             except BaseException:
                 self._slots.release()
                 raise
-            self._next_id += 1
-            conn = _Connection(self, self._next_id, peer)
-            task = asyncio.create_task(self._serve(conn, client), name=f"proxy-conn-{conn.id}")
-            self._conn_tasks.add(task)
-            task.add_done_callback(self._conn_done)
+            # The connection is made in ``_spawn``: this frame lives as long as the
+            # listener and must not keep the last connection alive until the next accept.
+            self._spawn(client, peer)
+            del client, peer
+
+    def _spawn(self, client: socket.socket, peer: Any) -> None:
+        self._next_id += 1
+        conn = _Connection(self, self._next_id, peer)
+        task = asyncio.create_task(self._serve(conn, client), name=f"proxy-conn-{conn.id}")
+        self._conn_tasks.add(task)
+        task.add_done_callback(self._conn_done)
 
     def _conn_done(self, task: asyncio.Task[None]) -> None:
         self._conn_tasks.discard(task)
@@ -564,7 +576,7 @@ class ProxyServer:
             client_sock.setblocking(False)
             if client_sock.family != socket.AF_UNIX:
                 client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.mirrors = [_Mirror(conn, ep) for ep in cfg.mirrors]
+            conn.mirrors = [_Mirror(conn.id, stats, ep) for ep in cfg.mirrors]
             for m in conn.mirrors:
                 m.task = asyncio.create_task(self._connect_mirror(m))
             try:
@@ -590,9 +602,10 @@ class ProxyServer:
             log.debug("connection_open", conn=conn.id, peer=_peer(conn.peer))
             conn.last_active = loop.time()
             conn.idle_handle = loop.call_later(cfg.idle_timeout, self._idle_check, conn)
-            up = asyncio.create_task(self._pump(conn, conn.client, conn.upstream, True))
-            down = asyncio.create_task(self._pump(conn, conn.upstream, conn.client, False))
-            conn.tasks = [up, down]
+            conn.tasks = [
+                asyncio.create_task(self._pump(conn, conn.client, conn.upstream, True)),
+                asyncio.create_task(self._pump(conn, conn.upstream, conn.client, False)),
+            ]
             outcome = await self._wait_pumps(conn)
         except asyncio.CancelledError:
             outcome = "shutdown" if self._closing else "cancelled"
@@ -603,6 +616,7 @@ class ProxyServer:
             # the waits below are uncancellable, a cancellation is re-raised afterwards.
             if conn.idle_handle is not None:
                 conn.idle_handle.cancel()
+                conn.idle_handle = None
             for task in conn.tasks:
                 task.cancel()
             interrupted = await _wait_all(conn.tasks)
@@ -615,6 +629,13 @@ class ProxyServer:
             for m in conn.mirrors:
                 m.close(abort=not graceful)
             interrupted |= await _wait_all([m.task for m in conn.mirrors if m.task is not None])
+            # A task that failed or was cancelled keeps its exception, whose traceback keeps
+            # the coroutine's frame, which keeps ``conn`` (a pump's) or the mirror: drop the
+            # finished tasks, or every reset, idle or shut-down connection would be a
+            # reference cycle (with its channels and last lease) for the cyclic GC.
+            conn.tasks = []
+            for m in conn.mirrors:
+                m.task = None
             self._conns.pop(conn.id, None)
             stats.connections_active -= 1
             up_bytes = conn.client.bytes_received if conn.client is not None else 0
