@@ -204,18 +204,32 @@ def _prep_send_zc(ring: Ring, req: Req, sqe: Sqe) -> int:
     return _prep_rw(ring, req, sqe)
 
 
+def _file_only(ring: Ring, req: Req, sqe: Sqe) -> int:
+    """Resolve the fd of an op that needs a plain file: an init error, or 0 (a driver's
+    file or a fixed slot then fails at issue, as the kernel's file check does)."""
+    err = resolve_fd(ring, req, sqe.fd, sqe.flags)
+    if not err and (req.driver is not None or (sqe.flags & _F_FIXED)):
+        req.issue_err = EBADF if req.driver is None else EINVAL
+    return err
+
+
 def _prep_fsync(ring: Ring, req: Req, sqe: Sqe) -> int:
     if (isinstance(sqe.addr, int) and sqe.addr) or not isinstance(sqe.addr, int) or sqe.buf_index:
         return EINVAL
     if sqe.rw_flags & ~FSYNC_DATASYNC:
         return EINVAL
-    err = resolve_fd(ring, req, sqe.fd, sqe.flags)
-    if err:
-        return err
-    if req.driver is not None or (sqe.flags & _F_FIXED):
-        req.issue_err = EBADF if req.driver is None else EINVAL
     req.rw_flags = sqe.rw_flags
-    return 0
+    return _file_only(ring, req, sqe)
+
+
+def _prep_fallocate(ring: Ring, req: Req, sqe: Sqe) -> int:
+    # io_fallocate_prep: addr is the length, len the mode; no buffer, no flags.
+    if not isinstance(sqe.addr, int) or sqe.buf_index or sqe.rw_flags:
+        return EINVAL
+    req.offset = sqe.off
+    req.nbytes = sqe.addr
+    req.rw_flags = sqe.len
+    return _file_only(ring, req, sqe)
 
 
 def _timeout_seconds(sqe: Sqe) -> float | None:
@@ -348,6 +362,7 @@ OPDEFS: dict[int, OpDef] = {
     Op.RECV: _io(Op.RECV, _prep_rw, _DEST, secondary=True, short=False),
     Op.SEND_ZC: _io(Op.SEND_ZC, _prep_send_zc, _SRC, secondary=True, short=False),
     Op.FSYNC: OpDef(Op.FSYNC, _prep_fsync, _issue_io, needs_file=True, backend=True),
+    Op.FALLOCATE: OpDef(Op.FALLOCATE, _prep_fallocate, _issue_io, needs_file=True, backend=True),
     Op.TIMEOUT: OpDef(Op.TIMEOUT, _prep_timeout, _issue_timeout),
     Op.LINK_TIMEOUT: OpDef(Op.LINK_TIMEOUT, _prep_link_timeout, _issue_link_timeout),
     Op.ASYNC_CANCEL: OpDef(Op.ASYNC_CANCEL, _prep_cancel, _issue_cancel),
@@ -378,6 +393,7 @@ def _check_table() -> None:
         Op.RECV,
         Op.SEND_ZC,
         Op.FSYNC,
+        Op.FALLOCATE,
         Op.TIMEOUT,
         Op.LINK_TIMEOUT,
         Op.ASYNC_CANCEL,

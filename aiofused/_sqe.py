@@ -130,6 +130,11 @@ class Sqe:
         self._prep(Op.FSYNC, fd, 0, 0, 0)
         self.rw_flags = fsync_flags
 
+    def prep_fallocate(self, fd: Any, mode: int, offset: int, length: int) -> None:
+        """FALLOCATE ``length`` bytes at ``offset`` with ``FALLOC_FL_*`` ``mode``
+        (``io_uring_prep_fallocate``: ``addr`` carries the length, ``len`` the mode)."""
+        self._prep(Op.FALLOCATE, fd, length, mode, offset)
+
     def prep_timeout(self, seconds: float, count: int = 0) -> None:
         """TIMEOUT: -ETIME after ``seconds``, or 0 once ``count`` other CQEs were posted."""
         self._prep(Op.TIMEOUT, -1, float(seconds), 1, count)

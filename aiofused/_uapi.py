@@ -45,6 +45,7 @@ class Op(enum.IntEnum):
     TIMEOUT = 11
     ASYNC_CANCEL = 14
     LINK_TIMEOUT = 15
+    FALLOCATE = 17
     READ = 22
     WRITE = 23
     SEND = 26

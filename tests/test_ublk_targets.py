@@ -8,8 +8,16 @@ import json
 import os
 
 import pytest
-from aiofused_drivers.ublk import LinearTarget, MirrorTarget, SqliteMappingStore
-from aiofused_drivers.ublk.testing import missing_tools, run_client, serve, settle, short_tmpdir
+from aiofused_drivers.ublk import LinearTarget, LoopTarget, MirrorTarget, SqliteMappingStore
+from aiofused_drivers.ublk import _targets as targets_mod
+from aiofused_drivers.ublk.testing import (
+    RawClient,
+    missing_tools,
+    run_client,
+    serve,
+    settle,
+    short_tmpdir,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -248,3 +256,74 @@ async def test_linear_out_of_space_is_an_error_not_corruption(ring_backend: str)
             assert "No space left" in r.stdout + r.stderr or r.returncode != 0
             await qemu_io(u, "read -P 1 0 1M", "read -P 2 4M 1M", "read -P 0 6M 4k")
             assert await settle(srv.service) == NO_LEAKS
+
+
+_TRIM, _WRITE_ZEROES = 4, 6
+_FUA, _NO_HOLE = 1 << 0, 1 << 1
+
+
+async def test_loop_trim_and_zeroes_run_on_the_ring(
+    ring_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop target turns TRIM and WRITE_ZEROES into FALLOCATE SQEs (punch hole;
+    zero range for NO_HOLE), never into blocking calls on the loop."""
+
+    def blocking(*args: object) -> None:
+        raise AssertionError("a blocking fallocate on the loop")
+
+    monkeypatch.setattr(targets_mod, "zero_range", blocking)
+    monkeypatch.setattr(targets_mod, "punch", blocking)
+    with short_tmpdir() as d:
+        (path,) = _files(d, 1, 4 * MiB)
+        data = os.urandom(4 * MiB)
+        with open(path, "wb") as f:
+            f.write(data)
+        async with serve(backend=ring_backend, exports=[f"l=loop:{path}"]) as srv:
+            c = await RawClient.connect(srv.sock_path)
+            try:
+                await c.go("l")
+                c.request(_TRIM, 0, MiB, cookie=1)
+                c.request(_WRITE_ZEROES, 2 * MiB, 64 * 1024, cookie=2, flags=_NO_HOLE | _FUA)
+                c.request(_WRITE_ZEROES, 3 * MiB, 64 * 1024, cookie=3)
+                replies = sorted([await c.simple_reply() for _ in range(3)])
+                assert replies == [(0, 1, b""), (0, 2, b""), (0, 3, b"")]
+            finally:
+                await c.close()
+            assert await settle(srv.service) == NO_LEAKS
+        got = _read(path)
+        want = bytearray(data)
+        for off, n in ((0, MiB), (2 * MiB, 64 * 1024), (3 * MiB, 64 * 1024)):
+            want[off : off + n] = bytes(n)
+        assert got == want
+        fd = os.open(path, os.O_RDONLY)
+        try:  # the TRIM really punched: the first MiB is a hole now
+            assert os.lseek(fd, 0, os.SEEK_DATA) >= MiB
+        finally:
+            os.close(fd)
+
+
+async def test_loop_write_zeroes_falls_back_when_fallocate_fails(ring_backend: str) -> None:
+    """A backing file that refuses fallocate (here /dev/zero: ENODEV) still gets
+    WRITE_ZEROES through the zero_range fallback; TRIM, a hint, succeeds as a no-op."""
+    with short_tmpdir() as d:
+        (path,) = _files(d, 1, 4 * MiB)
+        target = LoopTarget(path)
+        try:
+            async with serve(backend=ring_backend, targets=[("l", target, False)]) as srv:
+                bad = os.open("/dev/zero", os.O_RDWR)
+                os.dup2(bad, target.fd)
+                os.close(bad)
+                c = await RawClient.connect(srv.sock_path)
+                try:
+                    await c.go("l")
+                    c.request(_WRITE_ZEROES, 0, 64 * 1024, cookie=1)
+                    c.request(_TRIM, MiB, 64 * 1024, cookie=2)
+                    c.request(_WRITE_ZEROES, 2 * MiB, 4096, cookie=3, flags=_FUA)
+                    replies = sorted([await c.simple_reply() for _ in range(3)])
+                    # FUA after the fallback: fsync of /dev/zero is EINVAL, an EINVAL reply.
+                    assert replies == [(0, 1, b""), (0, 2, b""), (22, 3, b"")]
+                finally:
+                    await c.close()
+                assert await settle(srv.service) == NO_LEAKS
+        finally:
+            target.close()

@@ -30,13 +30,15 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
 import socket
 import stat
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aiofused._log import get_logger
 from aiofused._uapi import EALREADY, ECANCELED, ENOENT, CqeFlag, Op
@@ -86,7 +88,7 @@ class AsyncioBackend(Backend):
 
     name: ClassVar[str] = "asyncio"
     _OPS: ClassVar[frozenset[Op]] = frozenset(
-        {Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC, Op.FSYNC}
+        {Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC, Op.FSYNC, Op.FALLOCATE}
     )
 
     #: Try regular-file READ/WRITE inline with RWF_NOWAIT first (False: always the pool).
@@ -140,6 +142,9 @@ class AsyncioBackend(Backend):
             h.sock = sock
             h.write = code != Op.RECV
             self._attempt(h)
+            return h
+        if code == Op.FALLOCATE:
+            self._to_thread(h, _fallocate, op.fd, op.rw_flags, op.offset, op.nbytes)
             return h
         if code == Op.FSYNC:
             datasync = bool(op.rw_flags & _FSYNC_DATASYNC)
@@ -425,6 +430,29 @@ def _prw_rest(fd: int, buf: memoryview, offset: int, flags: int, write: bool, do
         done += n
         if n == 0 or done >= want or flags & _RWF_NOWAIT:
             return done
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """``fallocate(2)`` (``os`` has only ``posix_fallocate``, without a mode)."""
+    try:
+        ret = _libc_fallocate(fd, mode, offset, length)
+    except ctypes.ArgumentError:  # beyond off_t: what the kernel answers for it
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL)) from None
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return 0
+
+
+def _load_fallocate() -> Any:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_libc_fallocate = _load_fallocate()
 
 
 def _fsync(fd: int, datasync: bool) -> int:

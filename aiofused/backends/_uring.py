@@ -104,6 +104,7 @@ IMPLEMENTED_OPS: Final = frozenset(
         Op.RECV,
         Op.SEND_ZC,
         Op.FSYNC,
+        Op.FALLOCATE,
     }
 )
 
@@ -112,6 +113,7 @@ _I_OFFSET: Final = 1  # the SQE carries op.offset
 _I_FIXED: Final = 2  # the SQE carries op.buf_index
 _I_DEST: Final = 4  # the kernel writes the buffer (needs a writable view)
 _I_NEEDS_BUF: Final = 8
+_I_FALLOC: Final = 16  # FALLOCATE: addr carries op.nbytes (the length), len op.rw_flags (mode)
 
 # Record kinds.
 _K_PLAIN: Final = 0
@@ -132,6 +134,7 @@ _OPINFO: Final[dict[Op, tuple[int, int, int]]] = {
     Op.RECV: (abi.IORING_OP_RECV, _K_PLAIN, _I_DEST | _I_NEEDS_BUF),
     Op.SEND_ZC: (abi.IORING_OP_SEND_ZC, _K_ZC, _I_NEEDS_BUF),
     Op.FSYNC: (abi.IORING_OP_FSYNC, _K_PLAIN, 0),
+    Op.FALLOCATE: (abi.IORING_OP_FALLOCATE, _K_PLAIN, _I_OFFSET | _I_FALLOC),
 }
 assert set(_OPINFO) == IMPLEMENTED_OPS
 
@@ -560,6 +563,9 @@ class UringBackend(Backend):
             rec.zc = 0
             rec.addr = addr
             rec.nbytes = nbytes
+        rw_flags = op.rw_flags & _U32
+        if flags & _I_FALLOC:
+            addr, nbytes, rw_flags = op.nbytes & _U64, rw_flags, 0
         sqe = (
             info[0],
             0,
@@ -568,7 +574,7 @@ class UringBackend(Backend):
             op.offset & _U64 if flags & _I_OFFSET else 0,
             addr,
             nbytes,
-            op.rw_flags & _U32,
+            rw_flags,
             ud,
             op.buf_index & 0xFFFF if flags & _I_FIXED else 0,
         )

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from aiofused import BufDir, Cqe, DriverFile, Ring, SqeFlag
@@ -51,6 +51,7 @@ KIND_FUSED: Final = 2
 KIND_SEC: Final = 3
 KIND_FSYNC: Final = 4
 KIND_ONESHOT: Final = 5
+KIND_FALLOC: Final = 6
 
 _SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
 _SKIP_LINK: Final = int(SqeFlag.CQE_SKIP_SUCCESS | SqeFlag.IO_LINK)
@@ -67,6 +68,7 @@ _UD_IO: Final = KIND_IO << 40
 _UD_FUSED: Final = KIND_FUSED << 40
 _UD_SEC: Final = KIND_SEC << 40
 _UD_FSYNC: Final = KIND_FSYNC << 40
+_UD_FALLOC: Final = KIND_FALLOC << 40
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,6 +124,12 @@ class Ctx:
     ) -> None:
         """Submit one fused command over ``pieces`` then commit (see module doc)."""
         self.server.submit_fused(self, buf_dir, pieces, fsync_fds, result)
+
+    def fallocate_then_commit(
+        self, fd: int, mode: int, offset: int, length: int, fsync_fds: Sequence[int] = ()
+    ) -> None:
+        """FALLOCATE (DISCARD, WRITE_ZEROES) on the ring, FSYNC ``fsync_fds``, commit 0."""
+        self.server.submit_fallocate(self, fd, mode, offset, length, fsync_fds)
 
     def fsync_then_commit(self, fds: Sequence[int], result: int = 0) -> None:
         """FSYNC every fd, then commit ``result``."""
@@ -281,19 +289,23 @@ class UblkServer:
         if kind == KIND_SEC:
             ctx.failed.append(((ud >> 32) & 0xFF, res))
         elif kind == KIND_FUSED:
-            try:
-                self.target.fused_failed(ctx, res)
-            except Exception:
-                log.exception("ublk.target_failed", q_id=q_id, tag=tag)
-                ctx.commit(-errno.EIO)
+            self._ask_target(ctx, self.target.fused_failed, res)
+        elif kind == KIND_FALLOC:
+            self._ask_target(ctx, self.target.fallocate_failed, res)
         elif kind == KIND_FSYNC:
             fds = ctx.fsync_fds
             index = (ud >> 32) & 0xFF
-            try:
-                self.target.fsync_failed(ctx, fds[index] if index < len(fds) else -1, res)
-            except Exception:
-                log.exception("ublk.target_failed", q_id=q_id, tag=tag)
-                ctx.commit(-errno.EIO)
+            fd = fds[index] if index < len(fds) else -1
+            self._ask_target(ctx, self.target.fsync_failed, fd, res)
+
+    @staticmethod
+    def _ask_target(ctx: Ctx, hook: Callable[..., None], *args: int) -> None:
+        """Let the target decide about a failed chain member; -EIO if the hook raises."""
+        try:
+            hook(ctx, *args)
+        except Exception:
+            log.exception("ublk.target_failed", q_id=ctx.q_id, tag=ctx.tag)
+            ctx.commit(-errno.EIO)
 
     # ---- submissions ----------------------------------------------------------------
 
@@ -324,24 +336,35 @@ class UblkServer:
                 s.prep_write(p.fd, p.at, p.nbytes, p.file_offset)
             s.flags |= _SKIP
             s.user_data = ud | _UD_SEC | (p.label << 32)
-        ctx.fsync_fds = fsync_fds
-        for i, fd in enumerate(fsync_fds):
-            s = host.sqe()
-            s.prep_fsync(fd, IORING_FSYNC_DATASYNC)
-            s.flags |= _SKIP_LINK
-            s.user_data = ud | _UD_FSYNC | (i << 32)
+        self._prep_fsyncs(ctx, fsync_fds, IORING_FSYNC_DATASYNC)
         self._prep_commit(ctx, ctx.iod.nr_bytes if result is None else result)
 
-    def submit_fsync(self, ctx: Ctx, fds: Sequence[int], result: int) -> None:
+    def submit_fallocate(
+        self, ctx: Ctx, fd: int, mode: int, offset: int, length: int, fsync_fds: Sequence[int]
+    ) -> None:
         host = self.host
-        host.reserve(len(fds) + 1)
+        host.reserve(len(fsync_fds) + 2)
+        s = host.sqe()
+        s.prep_fallocate(fd, mode, offset, length)
+        s.flags |= _SKIP_LINK
+        s.user_data = ctx.ud | _UD_FALLOC
+        self._prep_fsyncs(ctx, fsync_fds)
+        self._prep_commit(ctx, 0)
+
+    def submit_fsync(self, ctx: Ctx, fds: Sequence[int], result: int) -> None:
+        self.host.reserve(len(fds) + 1)
+        self._prep_fsyncs(ctx, fds)
+        self._prep_commit(ctx, result)
+
+    def _prep_fsyncs(self, ctx: Ctx, fds: Sequence[int], fsync_flags: int = 0) -> None:
+        """Linked FSYNCs; an FSYNC's CQE (it posts one only on failure) names its index."""
+        host = self.host
         ctx.fsync_fds = fds
         for i, fd in enumerate(fds):
             s = host.sqe()
-            s.prep_fsync(fd)
+            s.prep_fsync(fd, fsync_flags)
             s.flags |= _SKIP_LINK
             s.user_data = ctx.ud | _UD_FSYNC | (i << 32)
-        self._prep_commit(ctx, result)
 
     def submit_commit(self, ctx: Ctx, result: int) -> None:
         self.host.reserve(1)

@@ -203,6 +203,11 @@ class Target:
         log.warning("ublk.io_error", target=self.kind, op=ctx.iod.op, offset=ctx.iod.start, res=res)
         ctx.commit(res)
 
+    def fallocate_failed(self, ctx: Ctx, res: int) -> None:
+        """The FALLOCATE of a DISCARD or WRITE_ZEROES failed (its chain did not run)."""
+        log.warning("ublk.fallocate_failed", target=self.kind, op=ctx.iod.op, res=res)
+        ctx.commit(res)
+
     def fsync_failed(self, ctx: Ctx, fd: int, res: int) -> None:
         """The FSYNC of ``fd`` (FLUSH, or FUA) failed; the rest of its chain did not run."""
         log.warning("ublk.fsync_failed", target=self.kind, op=ctx.iod.op, fd=fd, res=res)
@@ -255,11 +260,37 @@ class LoopTarget(Target):
     def flush_fds(self) -> Sequence[int]:
         return self._fds
 
-    def discard(self, offset: int, length: int) -> None:
-        punch(self.fd, offset, length)
+    def handle(self, ctx: Ctx) -> None:
+        """DISCARD and WRITE_ZEROES run as FALLOCATE on the ring (as ublksrv's loop
+        target does), not as blocking calls on the loop; the rest as any target."""
+        iod = ctx.iod
+        op = iod.op
+        if op == IoOp.DISCARD or op == IoOp.WRITE_ZEROES:
+            if op == IoOp.WRITE_ZEROES and iod.flags & UBLK_IO_F_NOUNMAP:
+                mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+            else:
+                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            fsync = self._fds if iod.flags & UBLK_IO_F_FUA else ()
+            ctx.fallocate_then_commit(self.fd, mode, iod.start, iod.nr_bytes, fsync)
+            return
+        super().handle(ctx)
 
-    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
-        zero_range(self.fd, offset, length, may_trim)
+    def fallocate_failed(self, ctx: Ctx, res: int) -> None:
+        """A DISCARD is a hint: done.  WRITE_ZEROES falls back to :func:`zero_range`
+        (another mode, or writing zeroes) when the filesystem refused the mode."""
+        iod = ctx.iod
+        if iod.op == IoOp.DISCARD:
+            ctx.commit(0)
+            return
+        try:
+            zero_range(self.fd, iod.start, iod.nr_bytes, not (iod.flags & UBLK_IO_F_NOUNMAP))
+        except OSError as e:
+            ctx.commit(-(e.errno or errno.EIO))
+            return
+        if iod.flags & UBLK_IO_F_FUA:
+            ctx.fsync_then_commit(self._fds)
+        else:
+            ctx.commit(0)
 
     def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
         return file_extents(self.fd, offset, length, req_one)
