@@ -12,7 +12,14 @@ import socket
 import sys
 
 import pytest
-from aiofused_drivers.ublk.testing import RawClient, missing_tools, run_client, short_tmpdir, uri
+from aiofused_drivers.ublk.testing import (
+    RawClient,
+    missing_tools,
+    run_client,
+    serve,
+    short_tmpdir,
+    uri,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -198,3 +205,23 @@ async def test_bad_arguments_fail_cleanly(args: list[str], needle: str) -> None:
     r = await run_client(*CLI, *args, timeout=30)
     assert r.returncode != 0
     assert needle in r.stderr, r.stderr
+
+
+async def test_socket_buffer_sizes_each_connection() -> None:
+    """``socket_buffer`` (``--socket-buffer``) sets SO_SNDBUF/SO_RCVBUF on every
+    connection, as far as net.core.[wr]mem_max allow (Linux reports twice the value)."""
+    want = 1 << 20
+    caps = []
+    for name in ("wmem_max", "rmem_max"):
+        with open(f"/proc/sys/net/core/{name}") as f:
+            caps.append(int(f.read()))
+    async with serve(["d=null:1M"], socket_buffer=want) as srv:
+        c = await RawClient.connect(srv.sock_path)
+        try:
+            await c.go("d")
+            (conn,) = srv.service.nbd.connections
+            snd = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            rcv = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        finally:
+            await c.close()
+    assert snd == 2 * min(want, caps[0]) and rcv == 2 * min(want, caps[1])

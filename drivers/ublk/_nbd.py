@@ -108,6 +108,7 @@ class NbdServer:
         *,
         handshake_timeout: float = 30.0,
         max_inflight: int = 256,
+        socket_buffer: int = 0,
     ) -> None:
         if not exports:
             raise ValueError("at least one export")
@@ -117,6 +118,10 @@ class NbdServer:
         self.buffers = buffers or RequestBuffers()
         self.handshake_timeout = handshake_timeout
         self.max_inflight = max_inflight
+        #: SO_SNDBUF/SO_RCVBUF of each connection (0: the kernel's default; the kernel
+        #: caps it at net.core.wmem_max/rmem_max).  A READ reply is sent straight from
+        #: its request buffer: room for whole replies saves partial sends and wakeups.
+        self.socket_buffer = socket_buffer
         self.connections: set[Connection] = set()
         self._listeners: list[socket.socket] = []
         self._accept_tasks: set[asyncio.Task[None]] = set()
@@ -256,6 +261,12 @@ class Connection:
         self.log = log.bind(conn=conn_id)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
+        if server.socket_buffer > 0:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server.socket_buffer)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server.socket_buffer)
+            except OSError as e:
+                log.debug("nbd.socket_buffer_refused", error=str(e))
         self.export: Export | None = None
         self._structured = False
         self._meta = False

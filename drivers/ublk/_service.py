@@ -59,6 +59,7 @@ class BlockService:
         entries: int = 4096,
         block_size: int = 512,
         max_inflight: int = 256,
+        socket_buffer: int = 0,
         pool_buffers: int = 256,
         pool_buffer_size: int = 256 * 1024,
     ) -> None:
@@ -70,6 +71,7 @@ class BlockService:
         self.entries = entries
         self.block_size = block_size
         self.max_inflight = max_inflight
+        self.socket_buffer = socket_buffer
         self.ring: Ring | None = None
         self.host: RingHost | None = None
         self.servers: list[UblkServer] = []
@@ -139,7 +141,12 @@ class BlockService:
                 read_only=exp.read_only,
                 backend=self.ring.backend,
             )
-        self._nbd = NbdServer(self.exports, self.buffers, max_inflight=self.max_inflight)
+        self._nbd = NbdServer(
+            self.exports,
+            self.buffers,
+            max_inflight=self.max_inflight,
+            socket_buffer=self.socket_buffer,
+        )
 
     def serve(self, listener: socket.socket) -> None:
         self.nbd.serve(listener)

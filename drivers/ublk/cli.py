@@ -92,6 +92,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="size of one pool buffer; bigger requests use unregistered buffers",
     )
     serve.add_argument(
+        "--socket-buffer",
+        default="4M",
+        help="SO_SNDBUF/SO_RCVBUF per connection, capped by net.core.[wr]mem_max (0: default)",
+    )
+    serve.add_argument(
         "--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="event loop"
     )
     serve.add_argument("--log-level", default="info")
@@ -193,6 +198,7 @@ async def _serve(
             block_size=args.block_size,
             pool_buffers=args.pool_buffers,
             pool_buffer_size=parse_size(args.pool_buffer_size),
+            socket_buffer=parse_size(args.socket_buffer),
         )
         async with service:
             if passed:
