@@ -27,3 +27,16 @@ def test_fanout_copy_example(tmp_path: Path) -> None:
     assert f"copied {len(data)} bytes to 3 replicas" in p.stdout
     for d in dsts:
         assert d.read_bytes() == data
+
+
+def test_nbd_block_device_example() -> None:
+    """examples/nbd_block_device.py: a mirror served over NBD; both replicas match."""
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "nbd_block_device.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "both replicas match" in p.stdout, p.stdout
