@@ -82,6 +82,7 @@ _CQE_MORE = int(CqeFlag.MORE)
 _CQE_NOTIF = int(CqeFlag.NOTIF)
 _INIT_SLOW_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
 _FAST_EXCLUDED = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN)
+_tuple_new = tuple.__new__
 _OP_NOP = int(Op.NOP)
 _OP_FUSED_CMD = int(Op.FUSED_CMD)
 _OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
@@ -582,7 +583,9 @@ class Ring:
         return 0
 
     def _init_req(self, sqe: Sqe) -> Req:
-        flags = int(sqe.flags)  # user code may have made it an IntFlag: keep enum math out
+        flags = sqe.flags
+        if type(flags) is not int:  # user code may have made it an IntFlag: keep enum math out
+            flags = int(flags)
         req = Req(self, sqe.user_data, sqe.opcode, flags)
         opdef = OPDEFS.get(sqe.opcode)
         if opdef is not None and not flags & _INIT_SLOW_FLAGS and not sqe.ioprio:
@@ -907,7 +910,7 @@ class Ring:
     def _post_cqe(self, user_data: int, res: int, flags: int) -> None:
         """Append a CQE of a non-TIMEOUT request to the CQ."""
         cq = self._cq
-        cq.append(Cqe(user_data, res, flags))
+        cq.append(_tuple_new(Cqe, (user_data, res, flags)))  # Cqe(...) without its __new__
         if len(cq) > self.cq_entries:
             self.cq_overflow += 1
         self._cqe_seq += 1

@@ -239,6 +239,7 @@ class _Export:
 
 
 _array_types: dict[int, Any] = {}
+_c_char_from_buffer = ctypes.c_char.from_buffer
 _pack_sqe = abi.SQE_STRUCT.pack_into
 _addressof = ctypes.addressof
 
@@ -480,7 +481,9 @@ class UringBackend(Backend):
         if not 0 <= nbytes <= buf.nbytes:
             nbytes = buf.nbytes
         try:
-            pin = (_array_types.get(nbytes) or _array_type(nbytes)).from_buffer(buf)
+            # One byte's type is enough to export buf and learn its address (an array
+            # type sized to nbytes costs a lookup and a bigger object for nothing).
+            pin = _c_char_from_buffer(buf)
         except (BufferError, TypeError, ValueError):
             return self._start_general(op, complete, info)
         # Safety: pin exports buf (its memory cannot move or be freed) for as long as the
