@@ -770,3 +770,38 @@ def test_on_uvloop(tmp_path: Path) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert "uvloop" in type(runner.get_loop()).__module__
         runner.run(scenario())
+
+
+async def test_coop_taskrun_still_wakes_a_sleeping_loop(
+    backend: UringBackend, tmp_path: Path
+) -> None:
+    """With IORING_SETUP_COOP_TASKRUN (when the kernel takes it) completions posted by
+    task work no longer interrupt the loop with an IPI; a loop asleep in epoll must
+    still be woken: a READ on a pipe that a thread fills later, and a buffered file
+    WRITE (io-wq on ext4), both complete while the loop has nothing else to do."""
+    import threading
+
+    if backend.setup_flags & abi.IORING_SETUP_SUBMIT_ALL:
+        assert backend.setup_flags & abi.IORING_SETUP_COOP_TASKRUN  # taken where known
+    r, w = os.pipe()
+    try:
+        buf = bytearray(5)
+        done = Done(backend.loop)
+        start(backend, IoOp(Op.READ, r, memoryview(buf), 5, -1), done)
+        timer = threading.Timer(0.05, os.write, (w, b"hello"))
+        timer.start()
+        assert await done.wait() == [(5, 0)]
+        timer.join()
+        assert buf == b"hello"
+    finally:
+        os.close(r)
+        os.close(w)
+    data = os.urandom(1 << 16)
+    fd = os.open(tmp_path / "w.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert await run(backend, IoOp(Op.WRITE, fd, memoryview(data), len(data), 0)) == [
+            (len(data), 0)
+        ]
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)

@@ -303,10 +303,21 @@ def _read_disabled_sysctl() -> int | None:
         return None
 
 
+#: Optional setup flags, best first; a kernel that does not know one answers -EINVAL.
+#: COOP_TASKRUN: completions the kernel finishes on our behalf (io-wq, async buffered
+#: reads) are posted at our next kernel entry instead of interrupting the loop with an
+#: IPI; a sleeping loop is still woken, and the eventfd still fires.
+_OPTIONAL_SETUP_FLAGS: Final = (
+    abi.IORING_SETUP_SUBMIT_ALL | abi.IORING_SETUP_COOP_TASKRUN,
+    abi.IORING_SETUP_SUBMIT_ALL,
+    0,
+)
+
+
 def _setup(sq_entries: int, cq_entries: int) -> tuple[int, abi.io_uring_params]:
-    """Create a ring, dropping the optional setup flag the kernel may not know."""
+    """Create a ring, dropping the optional setup flags the kernel may not know."""
     base = abi.IORING_SETUP_CQSIZE | abi.IORING_SETUP_CLAMP
-    for extra in (abi.IORING_SETUP_SUBMIT_ALL, 0):
+    for extra in _OPTIONAL_SETUP_FLAGS:
         p = abi.io_uring_params()
         p.flags = base | extra
         p.cq_entries = cq_entries
@@ -388,6 +399,8 @@ class UringBackend(Backend):
             raise BackendUnavailable(self.name, _errno_reason(exc)) from exc
         self._fd = fd
         self.features = p.features
+        #: The ``IORING_SETUP_*`` flags the kernel accepted (see _OPTIONAL_SETUP_FLAGS).
+        self.setup_flags = p.flags
         self.sq_entries = p.sq_entries
         self.cq_entries = p.cq_entries
         try:
