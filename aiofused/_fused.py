@@ -243,11 +243,10 @@ class Primary:
             flat = mv.cast("B")
             mv.release()
             mv = flat
-        if self.cmd.buf_dir is _SRC or self.cmd.buf_dir is None:
-            ro = mv.toreadonly()
-            mv.release()
-            mv = ro
-        elif mv.readonly:
+        # SRC: every secondary only reads (F5 keeps DEST ops out), so its views may stay
+        # writable if the buffer is (the kernel backend then pins them as cheaply as any
+        # buffer); what the lease hands to user code is read-only (lease_view).
+        if self.cmd.buf_dir is _DEST and mv.readonly:
             mv.release()
             raise DriverError("secondaries write into this buffer (DEST): it must be writable")
         view_made()
@@ -290,7 +289,7 @@ class Primary:
     def lease_view(self) -> memoryview:
         """A view of the lent buffer for the high-level lease, released with the others."""
         assert self._base is not None
-        view = self._base[:]
+        view = self._base[:] if self.cmd.buf_dir is _DEST else self._base.toreadonly()
         view_made()
         self._extra_views.append(view)
         return view

@@ -79,7 +79,7 @@ class FusedScope:
         self.driver_file = driver_file
         self.cmd_op = cmd_op
         self.cmd = bytes(cmd)
-        self.buf_dir = BufDir(buf_dir)
+        self.buf_dir = buf_dir if type(buf_dir) is BufDir else BufDir(buf_dir)
         self.primary: Primary | None = None
         self.lent = False
         self.lease: Lease | None = None

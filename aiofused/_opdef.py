@@ -155,7 +155,8 @@ def _prep_rw(ring: Ring, req: Req, sqe: Sqe) -> int:
             return 0
     req.nbytes = sqe.len
     req.offset = sqe.off
-    req.rw_flags = sqe.rw_flags
+    flags = sqe.rw_flags
+    req.rw_flags = flags if type(flags) is int else int(flags)  # socket.MSG_* are IntFlags
     if sqe.len < 0:
         return EINVAL
     if req.primary is not None:  # fused secondary: addr is an offset into the lent buffer

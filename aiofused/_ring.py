@@ -476,9 +476,7 @@ class Ring:
         self, driver_file: DriverFile, cmd_op: int, cmd: bytes = b"", buf_dir: BufDir = BufDir.DEST
     ) -> FusedScope:
         """High-level fused primary as an async context manager (SPEC §5)."""
-        from aiofused._lease import FusedScope
-
-        return FusedScope(self, driver_file, cmd_op, cmd, buf_dir)
+        return (_scope_cls or _fused_scope_class())(self, driver_file, cmd_op, cmd, buf_dir)
 
     def in_flight(self) -> int:
         """Requests consumed and not yet finally completed."""
@@ -575,7 +573,7 @@ class Ring:
         s.sec_off = at
         s.nbytes = nbytes
         s.offset = offset
-        s.rw_flags = flags
+        s.rw_flags = flags if type(flags) is int else int(flags)  # socket.MSG_* are IntFlags
         return s
 
     # ---- init ------------------------------------------------------------------
@@ -1071,6 +1069,19 @@ class Ring:
                 self._idle.clear()
         if self._deferred and not self._barrier:
             self._release_deferred()
+
+
+def _fused_scope_class() -> type[FusedScope]:
+    """``FusedScope`` (its module imports this one: bound on first use, then cached)."""
+    global _scope_cls
+    if _scope_cls is None:
+        from aiofused._lease import FusedScope
+
+        _scope_cls = FusedScope
+    return _scope_cls
+
+
+_scope_cls: type[FusedScope] | None = None
 
 
 def _future_setter(fut: asyncio.Future[int]) -> Callable[[int, int], None]:
