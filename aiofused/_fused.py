@@ -149,14 +149,8 @@ class Primary:
     def issue(self) -> None:
         """Run the driver's ``uring_cmd`` (SPEC F6-F7)."""
         req = self.req
-        err = 0
-        driver = req.driver
-        if driver is None or (self.is_fused and not driver.can_fused):
-            driver, err = check_driver_fd(req, self.is_fused)
-        if self.state is _PREPARED:
-            self.state = _ISSUED
-        else:
-            self._step("issue")  # raises: issued twice
+        driver, err = check_driver_fd(req, self.is_fused)
+        self._step("issue")
         if driver is None:
             self._finish_unlent(err)
             return

@@ -750,11 +750,7 @@ class Ring:
                     self._inflight[lt] = None
                     lt.timer = self.loop.call_later(lt.seconds, self._link_timeout_fired, lt)
                 try:
-                    fused = req.fused
-                    if fused is not None:
-                        fused.issue()
-                    else:
-                        req.opdef.issue(self, req)
+                    req.opdef.issue(self, req)
                 except Exception:
                     log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
                     if req.state == INFLIGHT:

@@ -17,7 +17,7 @@ import pytest
 from aiofused_drivers.null import NULL_LEND, NULL_QUEUED
 from conftest import add, reap
 
-from aiofused import BufDir, Ring, SqeFlag
+from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, SqeFlag
 from aiofused._driver import UringCmd
 from aiofused._fused import Primary
 from aiofused._ring import Req
@@ -73,3 +73,43 @@ async def test_lease_leaves_no_cycles(no_gc: None, ring: Ring, data_file: Any) -
             assert bytes(lease.buffer[:1024]) == content[:1024]
     assert ring.in_flight() == 0
     assert cyclic_runtime_garbage() == []
+
+
+class _Keeper:
+    """A driver that keeps every command it saw (as a driver with its own queue may)."""
+
+    name = "keeper"
+    can_fused = True
+
+    def __init__(self) -> None:
+        self.kept: list[UringCmd] = []
+
+    def uring_cmd(self, cmd: UringCmd, issue_flags: int) -> int:
+        self.kept.append(cmd)
+        if cmd.is_fused:
+            cmd.provide_buf_and_start(bytearray(4096), lambda c: c.done(7))
+            return EIOCBQUEUED
+        return 3
+
+
+async def test_kept_command_after_completion(no_gc: None, ring: Ring, data_file: Any) -> None:
+    """A command a driver keeps is detached from its request at the final CQE: it says
+    finished, a late done() posts nothing, a late lend raises; the request is freed."""
+    fd, _ = data_file
+    drv = _Keeper()
+    df = ring.register_driver(drv)
+    add(ring, 1, "uring_cmd", df, 0)
+    add(ring, 2, "fused_cmd", df, 0, nr_secondary=1)
+    add(ring, 3, "read", fd, 0, 512, 0)
+    assert ring.submit() == 3
+    assert sorted(await reap(ring, 3)) == [(1, 3), (2, 7), (3, 512)]
+    for cmd in drv.kept:
+        assert cmd.finished
+        cmd.done(-5)
+        with pytest.raises(DriverError):
+            cmd.provide_buf_and_start(bytearray(8), lambda c: None)
+    assert ring.peek_cqe() is None and ring.in_flight() == 0
+    assert cyclic_runtime_garbage() == []
+    # The request behind a kept command is gone at once (refcounting, not the GC).
+    reqs = [o for o in gc.get_objects() if type(o).__name__ == "Req" and o.ring is ring]
+    assert reqs == []
