@@ -258,15 +258,17 @@ async def test_linear_out_of_space_is_an_error_not_corruption(ring_backend: str)
             assert await settle(srv.service) == NO_LEAKS
 
 
-_TRIM, _WRITE_ZEROES = 4, 6
+_READ, _WRITE, _TRIM, _WRITE_ZEROES = 0, 1, 4, 6
 _FUA, _NO_HOLE = 1 << 0, 1 << 1
 
 
-async def test_loop_trim_and_zeroes_run_on_the_ring(
-    ring_backend: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kind", ["loop", "mirror", "linear"])
+async def test_trim_and_zeroes_run_on_the_ring(
+    ring_backend: str, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """The loop target turns TRIM and WRITE_ZEROES into FALLOCATE SQEs (punch hole;
-    zero range for NO_HOLE), never into blocking calls on the loop."""
+    """Every file-backed target turns TRIM and WRITE_ZEROES into FALLOCATE SQEs (punch
+    hole; zero range for NO_HOLE) on the places its mapping names, never into blocking
+    calls on the loop; the device then reads zeroes there and the data elsewhere."""
 
     def blocking(*args: object) -> None:
         raise AssertionError("a blocking fallocate on the loop")
@@ -274,32 +276,42 @@ async def test_loop_trim_and_zeroes_run_on_the_ring(
     monkeypatch.setattr(targets_mod, "zero_range", blocking)
     monkeypatch.setattr(targets_mod, "punch", blocking)
     with short_tmpdir() as d:
-        (path,) = _files(d, 1, 4 * MiB)
+        files = _files(d, 2 if kind == "mirror" else 1, 4 * MiB)
+        spec = {
+            "loop": f"t=loop:{files[0]}",
+            "mirror": "t=mirror:" + ",".join(files),
+            "linear": f"t=linear:{d}/map.db,pv={files[0]},size=4M,extent=1M",
+        }[kind]
         data = os.urandom(4 * MiB)
-        with open(path, "wb") as f:
-            f.write(data)
-        async with serve(backend=ring_backend, exports=[f"l=loop:{path}"]) as srv:
+        want = bytearray(data)
+        for off, n in ((0, MiB), (2 * MiB, 64 * 1024), (3 * MiB, 64 * 1024)):
+            want[off : off + n] = bytes(n)
+        async with serve(backend=ring_backend, exports=[spec]) as srv:
             c = await RawClient.connect(srv.sock_path)
             try:
-                await c.go("l")
+                await c.go("t")
+                for k in range(4):
+                    c.request(_WRITE, k * MiB, MiB, cookie=10 + k, payload=data[k * MiB :][:MiB])
+                    assert await c.simple_reply() == (0, 10 + k, b"")
                 c.request(_TRIM, 0, MiB, cookie=1)
                 c.request(_WRITE_ZEROES, 2 * MiB, 64 * 1024, cookie=2, flags=_NO_HOLE | _FUA)
                 c.request(_WRITE_ZEROES, 3 * MiB, 64 * 1024, cookie=3)
                 replies = sorted([await c.simple_reply() for _ in range(3)])
                 assert replies == [(0, 1, b""), (0, 2, b""), (0, 3, b"")]
+                for k in range(4):
+                    c.request(_READ, k * MiB, MiB, cookie=20 + k)
+                    assert await c.simple_reply(MiB) == (0, 20 + k, want[k * MiB :][:MiB])
             finally:
                 await c.close()
             assert await settle(srv.service) == NO_LEAKS
-        got = _read(path)
-        want = bytearray(data)
-        for off, n in ((0, MiB), (2 * MiB, 64 * 1024), (3 * MiB, 64 * 1024)):
-            want[off : off + n] = bytes(n)
-        assert got == want
-        fd = os.open(path, os.O_RDONLY)
-        try:  # the TRIM really punched: the first MiB is a hole now
-            assert os.lseek(fd, 0, os.SEEK_DATA) >= MiB
-        finally:
-            os.close(fd)
+        if kind != "linear":
+            for path in files:
+                assert _read(path) == want
+                fd = os.open(path, os.O_RDONLY)
+                try:  # the TRIM really punched: the first MiB is a hole now
+                    assert os.lseek(fd, 0, os.SEEK_DATA) >= MiB
+                finally:
+                    os.close(fd)
 
 
 async def test_loop_write_zeroes_falls_back_when_fallocate_fails(ring_backend: str) -> None:

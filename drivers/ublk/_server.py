@@ -126,10 +126,10 @@ class Ctx:
         self.server.submit_fused(self, buf_dir, pieces, fsync_fds, result)
 
     def fallocate_then_commit(
-        self, fd: int, mode: int, offset: int, length: int, fsync_fds: Sequence[int] = ()
+        self, mode: int, pieces: Sequence[Piece], fsync_fds: Sequence[int] = ()
     ) -> None:
-        """FALLOCATE (DISCARD, WRITE_ZEROES) on the ring, FSYNC ``fsync_fds``, commit 0."""
-        self.server.submit_fallocate(self, fd, mode, offset, length, fsync_fds)
+        """FALLOCATE each piece (DISCARD, WRITE_ZEROES), FSYNC ``fsync_fds``, commit 0."""
+        self.server.submit_fallocate(self, mode, pieces, fsync_fds)
 
     def fsync_then_commit(self, fds: Sequence[int], result: int = 0) -> None:
         """FSYNC every fd, then commit ``result``."""
@@ -291,7 +291,7 @@ class UblkServer:
         elif kind == KIND_FUSED:
             self._ask_target(ctx, self.target.fused_failed, res)
         elif kind == KIND_FALLOC:
-            self._ask_target(ctx, self.target.fallocate_failed, res)
+            self._ask_target(ctx, self.target.fallocate_failed, (ud >> 32) & 0xFF, res)
         elif kind == KIND_FSYNC:
             fds = ctx.fsync_fds
             index = (ud >> 32) & 0xFF
@@ -340,14 +340,15 @@ class UblkServer:
         self._prep_commit(ctx, ctx.iod.nr_bytes if result is None else result)
 
     def submit_fallocate(
-        self, ctx: Ctx, fd: int, mode: int, offset: int, length: int, fsync_fds: Sequence[int]
+        self, ctx: Ctx, mode: int, pieces: Sequence[Piece], fsync_fds: Sequence[int]
     ) -> None:
         host = self.host
-        host.reserve(len(fsync_fds) + 2)
-        s = host.sqe()
-        s.prep_fallocate(fd, mode, offset, length)
-        s.flags |= _SKIP_LINK
-        s.user_data = ctx.ud | _UD_FALLOC
+        host.reserve(len(pieces) + len(fsync_fds) + 1)
+        for p in pieces:
+            s = host.sqe()
+            s.prep_fallocate(p.fd, mode, p.file_offset, p.nbytes)
+            s.flags |= _SKIP_LINK
+            s.user_data = ctx.ud | _UD_FALLOC | (p.label << 32)
         self._prep_fsyncs(ctx, fsync_fds)
         self._prep_commit(ctx, 0)
 

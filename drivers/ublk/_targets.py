@@ -157,6 +157,12 @@ class Target:
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
         raise NotImplementedError
 
+    def space_pieces(self, ctx: Ctx) -> list[Piece] | None:
+        """Where a DISCARD or WRITE_ZEROES acts, as FALLOCATE pieces run on the ring
+        (``nbytes`` at ``file_offset`` of ``fd``); None: the blocking ``discard`` /
+        ``write_zeroes`` hooks instead."""
+        return None
+
     def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
         return [(length, 0)]
 
@@ -182,6 +188,16 @@ class Target:
             else:
                 ctx.commit(0)
         elif op in (IoOp.DISCARD, IoOp.WRITE_ZEROES):
+            space = self.space_pieces(ctx)
+            if space is not None:
+                # As ublksrv's loop target: FALLOCATE SQEs linked to the commit (punch a
+                # hole; zero the range where holes are not allowed), not a blocking call.
+                if op == IoOp.WRITE_ZEROES and iod.flags & UBLK_IO_F_NOUNMAP:
+                    mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+                else:
+                    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                ctx.fallocate_then_commit(mode, space, self.flush_fds() if fua else ())
+                return
             try:
                 if op == IoOp.DISCARD:
                     self.discard(iod.start, iod.nr_bytes)
@@ -203,10 +219,25 @@ class Target:
         log.warning("ublk.io_error", target=self.kind, op=ctx.iod.op, offset=ctx.iod.start, res=res)
         ctx.commit(res)
 
-    def fallocate_failed(self, ctx: Ctx, res: int) -> None:
-        """The FALLOCATE of a DISCARD or WRITE_ZEROES failed (its chain did not run)."""
-        log.warning("ublk.fallocate_failed", target=self.kind, op=ctx.iod.op, res=res)
-        ctx.commit(res)
+    def fallocate_failed(self, ctx: Ctx, label: int, res: int) -> None:
+        """A FALLOCATE of :meth:`space_pieces` failed (the rest of its chain did not run).
+        A DISCARD is a hint: done.  WRITE_ZEROES falls back to :meth:`write_zeroes`
+        (another mode, or writing zeroes), e.g. where the filesystem refused the mode."""
+        iod = ctx.iod
+        log.info("ublk.fallocate_failed", target=self.kind, op=iod.op, piece=label, res=res)
+        if iod.op == IoOp.DISCARD:
+            ctx.commit(0)
+            return
+        try:
+            self.write_zeroes(iod.start, iod.nr_bytes, not (iod.flags & UBLK_IO_F_NOUNMAP))
+        except OSError as e:
+            ctx.commit(-(e.errno or errno.EIO))
+            return
+        fds = self.flush_fds() if iod.flags & UBLK_IO_F_FUA else ()
+        if fds:
+            ctx.fsync_then_commit(fds)
+        else:
+            ctx.commit(0)
 
     def fsync_failed(self, ctx: Ctx, fd: int, res: int) -> None:
         """The FSYNC of ``fd`` (FLUSH, or FUA) failed; the rest of its chain did not run."""
@@ -260,37 +291,15 @@ class LoopTarget(Target):
     def flush_fds(self) -> Sequence[int]:
         return self._fds
 
-    def handle(self, ctx: Ctx) -> None:
-        """DISCARD and WRITE_ZEROES run as FALLOCATE on the ring (as ublksrv's loop
-        target does), not as blocking calls on the loop; the rest as any target."""
+    def space_pieces(self, ctx: Ctx) -> list[Piece] | None:
         iod = ctx.iod
-        op = iod.op
-        if op == IoOp.DISCARD or op == IoOp.WRITE_ZEROES:
-            if op == IoOp.WRITE_ZEROES and iod.flags & UBLK_IO_F_NOUNMAP:
-                mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-            else:
-                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            fsync = self._fds if iod.flags & UBLK_IO_F_FUA else ()
-            ctx.fallocate_then_commit(self.fd, mode, iod.start, iod.nr_bytes, fsync)
-            return
-        super().handle(ctx)
+        return [Piece(self.fd, iod.start, 0, iod.nr_bytes)]
 
-    def fallocate_failed(self, ctx: Ctx, res: int) -> None:
-        """A DISCARD is a hint: done.  WRITE_ZEROES falls back to :func:`zero_range`
-        (another mode, or writing zeroes) when the filesystem refused the mode."""
-        iod = ctx.iod
-        if iod.op == IoOp.DISCARD:
-            ctx.commit(0)
-            return
-        try:
-            zero_range(self.fd, iod.start, iod.nr_bytes, not (iod.flags & UBLK_IO_F_NOUNMAP))
-        except OSError as e:
-            ctx.commit(-(e.errno or errno.EIO))
-            return
-        if iod.flags & UBLK_IO_F_FUA:
-            ctx.fsync_then_commit(self._fds)
-        else:
-            ctx.commit(0)
+    def discard(self, offset: int, length: int) -> None:
+        punch(self.fd, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        zero_range(self.fd, offset, length, may_trim)
 
     def extents(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
         return file_extents(self.fd, offset, length, req_one)
@@ -397,6 +406,10 @@ class MirrorTarget(Target):
     def flush_fds(self) -> Sequence[int]:
         return [self.fds[r] for r in self.healthy]
 
+    def space_pieces(self, ctx: Ctx) -> list[Piece] | None:
+        iod = ctx.iod
+        return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r) for r in self.healthy]
+
     def discard(self, offset: int, length: int) -> None:
         for r in self.healthy:
             punch(self.fds[r], offset, length)
@@ -502,6 +515,11 @@ class LinearTarget(Target):
             if m is not None:
                 out.append((self.pv_fds[m[0]], (m[1] << self._shift) + off, n))
         return out
+
+    def space_pieces(self, ctx: Ctx) -> list[Piece] | None:
+        # Only mapped extents: an unmapped one already reads as zeroes.
+        iod = ctx.iod
+        return [Piece(fd, foff, 0, n) for fd, foff, n in self._mapped(iod.start, iod.nr_bytes)]
 
     def discard(self, offset: int, length: int) -> None:
         for fd, foff, n in self._mapped(offset, length):
