@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import socket
 from collections.abc import Iterator
@@ -89,3 +90,26 @@ def sockpairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
     for a, b in ps:
         a.close()
         b.close()
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """The cyclic GC off for the test (collected first, re-enabled after)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def cyclic_garbage(types: tuple[type, ...]) -> list[str]:
+    """Names of the objects of ``types`` that only the cyclic GC could free right now."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = [type(o).__name__ for o in gc.garbage if isinstance(o, types)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    return found

@@ -10,12 +10,11 @@ with the GC disabled, then asks the GC what it would have to free.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiofused_drivers.null import NULL_LEND, NULL_QUEUED
-from conftest import add, reap
+from conftest import add, cyclic_garbage, reap
 
 from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, SqeFlag
 from aiofused._driver import UringCmd
@@ -25,26 +24,9 @@ from aiofused._ring import Req
 _RUNTIME_TYPES = (Req, Primary, UringCmd)
 
 
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def cyclic_runtime_garbage() -> list[str]:
     """Names of the runtime objects only the cyclic GC could free right now."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-        found = [type(o).__name__ for o in gc.garbage if isinstance(o, _RUNTIME_TYPES)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    return found
+    return cyclic_garbage(_RUNTIME_TYPES)
 
 
 async def test_low_level_chain_leaves_no_cycles(no_gc: None, ring: Ring, data_file: Any) -> None:

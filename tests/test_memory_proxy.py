@@ -15,12 +15,12 @@ import asyncio
 import gc
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
 from aiofused_drivers.relay import RelayChannel
+from conftest import cyclic_garbage
 
 from aiofused._driver import UringCmd
 from aiofused._fused import Primary
@@ -34,26 +34,9 @@ _RUNTIME_TYPES = _CHUNK_TYPES + _CONNECTION_TYPES
 _RESET = struct.pack("ii", 1, 0)
 
 
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def cyclic_runtime_garbage() -> list[str]:
     """Names of the runtime objects only the cyclic GC could free right now."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-        found = [type(o).__name__ for o in gc.garbage if isinstance(o, _RUNTIME_TYPES)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    return found
+    return cyclic_garbage(_RUNTIME_TYPES)
 
 
 def live_connections() -> list[str]:
