@@ -25,7 +25,6 @@ from aiofused._uapi import (
     SqeFlag,
     UringCmdFlag,
 )
-from aiofused._views import _counters as _view_counters
 from aiofused._views import view_made
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ def _take_buffer(req: Req, addr: Any, length: int, writable: bool) -> int:
         return EINVAL
     if type(addr) is bytearray and length == len(addr):  # the common case: no checks needed
         req.buf = memoryview(addr)
-        _view_counters["views"] += 1  # view_made(), inline on the hot path
+        view_made()
         return 0
     try:
         mv = memoryview(addr)

@@ -324,26 +324,23 @@ class Ring:
             req = self._init_req(sqe)
             i += 1
             if (
-                chain is None
+                req.opdef.backend
+                and chain is None
                 and not req.err
                 and not req.flags & _FAST_EXCLUDED
                 and not (self._deferred or self._barrier or self._issuing)
             ):
-                if req.opcode == _OP_NOP and not req.flags & _F_SKIP:
-                    self._post_cqe(req.user_data, 0, 0)  # a NOP completes at once
-                    continue
-                if req.opdef.backend:
-                    # Fast path: a standalone leaf I/O op goes straight to its backend.
-                    self._live += 1
-                    req.state = INFLIGHT
-                    self._inflight[req] = None
-                    try:
-                        self._issue_io(req)
-                    except Exception:
-                        log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
-                        if req.state == INFLIGHT:
-                            self._complete(req, EIO)
-                    continue
+                # Fast path: a standalone leaf I/O op goes straight to its backend.
+                self._live += 1
+                req.state = INFLIGHT
+                self._inflight[req] = None
+                try:
+                    self._issue_io(req)
+                except Exception:
+                    log.exception("issue_failed", op=req.opcode, user_data=req.user_data)
+                    if req.state == INFLIGHT:
+                        self._complete(req, EIO)
+                continue
             if req.opcode == _OP_FUSED_CMD:
                 i = self._take_secondaries(req, sq, i, n)
             linked = bool(req.flags & _LINK_FLAGS)
