@@ -18,9 +18,8 @@ import asyncio
 import socket
 import sys
 
-from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver
-
 from aiofused import BufDir, DriverFile, Ring, SetupFlag
+from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver
 
 
 async def pump(

@@ -13,7 +13,6 @@ import struct
 from typing import Any
 
 import pytest
-from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NULL_QUEUED, NULL_RESULTS, NullDriver
 from conftest import (
     EALREADY,
     EBADF,
@@ -40,6 +39,7 @@ from aiofused import (
     SqeFlag,
     UringCmd,
 )
+from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NULL_QUEUED, NULL_RESULTS, NullDriver
 
 LINK = SqeFlag.IO_LINK
 HARD = SqeFlag.IO_HARDLINK

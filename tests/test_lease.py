@@ -12,11 +12,11 @@ from typing import Any
 
 import anyio
 import pytest
-from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NullDriver
 from conftest import ECANCELED
 
 from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, UringCmd, res_to_error
 from aiofused._views import counters
+from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NullDriver
 
 
 class SlowLender:

@@ -13,13 +13,13 @@ import gc
 from typing import Any
 
 import pytest
-from aiofused_drivers.null import NULL_LEND, NULL_QUEUED
 from conftest import add, cyclic_garbage, reap
 
 from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, SqeFlag
 from aiofused._driver import UringCmd
 from aiofused._fused import Primary
 from aiofused._ring import Req
+from aiofused_drivers.null import NULL_LEND, NULL_QUEUED
 
 _RUNTIME_TYPES = (Req, Primary, UringCmd)
 

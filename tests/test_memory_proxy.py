@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiofused_drivers.relay import RelayChannel
 from conftest import cyclic_garbage
 
 from aiofused._driver import UringCmd
@@ -27,6 +26,7 @@ from aiofused._fused import Primary
 from aiofused._lease import FusedScope, Lease
 from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer, _Connection, _Mirror
 from aiofused._ring import Req
+from aiofused_drivers.relay import RelayChannel
 
 _CHUNK_TYPES = (Req, Primary, UringCmd, FusedScope, Lease)
 _CONNECTION_TYPES = (_Connection, _Mirror, RelayChannel)

@@ -12,6 +12,7 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
+
 from aiofused_drivers.ublk import ExportSpec
 from aiofused_drivers.ublk._nbdproto import IHAVEOPT
 from aiofused_drivers.ublk.testing import RawClient, Served, serve, settle, short_tmpdir

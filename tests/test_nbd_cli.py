@@ -12,6 +12,7 @@ import socket
 import sys
 
 import pytest
+
 from aiofused_drivers.ublk.testing import (
     RawClient,
     missing_tools,

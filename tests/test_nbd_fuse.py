@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+
 from aiofused_drivers.ublk.testing import missing_tools, run_client, serve, settle, short_tmpdir
 
 pytestmark = pytest.mark.interop

@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+
 from aiofused_drivers.ublk import ExportSpec
 from aiofused_drivers.ublk.testing import missing_tools, run_client, serve, settle, short_tmpdir
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from aiofused_drivers.ublk import _nbdproto as P
 
 EXPORTS = {

@@ -11,10 +11,10 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
-from aiofused_drivers.relay import RELAY_RECV, RelayDriver, RelayPool
 
 from aiofused import BufDir, Ring, SetupFlag
 from aiofused.backends._base import get_backend_class
+from aiofused_drivers.relay import RELAY_RECV, RelayDriver, RelayPool
 
 
 def _backends() -> list[object]:

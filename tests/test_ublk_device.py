@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+from aiofused import BufDir, Cqe, DriverFile, Ring
 from aiofused_drivers.ublk import (
     UBLK_IO_COMMIT_AND_FETCH_REQ,
     UBLK_IO_FETCH_REQ,
@@ -20,8 +22,6 @@ from aiofused_drivers.ublk import (
     UblkDriver,
     pack_io_cmd,
 )
-
-from aiofused import BufDir, Cqe, DriverFile, Ring
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+
 from aiofused_drivers.ublk import LinearTarget, LoopTarget, MirrorTarget, SqliteMappingStore
 from aiofused_drivers.ublk import _targets as targets_mod
 from aiofused_drivers.ublk.testing import (

@@ -56,12 +56,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
-
 from aiofused._driver import DriverFile
 from aiofused._log import configure_logging, get_logger
 from aiofused._ring import Ring
 from aiofused._uapi import BufDir, SetupFlag
+from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
 
 __all__ = [
     "Endpoint",
