@@ -1,0 +1,39 @@
+"""The public face for driver plugins: everything a driver may import.
+
+A driver is one declarative object (:class:`Driver`): ``name``, ``can_fused`` and
+``uring_cmd(cmd, issue_flags)``.  It sees each command as a :class:`UringCmd`, lends
+buffers (often from a :class:`BufferPool`) with ``cmd.provide_buf_and_start`` and
+completes with ``cmd.done``.  Plugins import only this module, :mod:`aiofused` and
+:mod:`aiofused.backend`; a test walks the in-tree drivers to keep it so.
+"""
+
+from aiofused._buffers import BufferPool, PoolBuffer
+from aiofused._driver import (
+    ENTRY_POINT_GROUP,
+    Driver,
+    DriverFile,
+    IssueFlag,
+    UringCmd,
+    available_drivers,
+    load_driver,
+)
+from aiofused._errors import DriverError
+from aiofused._log import configure_logging, get_logger
+from aiofused._uapi import EIOCBQUEUED, BufDir
+
+__all__ = [
+    "EIOCBQUEUED",
+    "ENTRY_POINT_GROUP",
+    "BufDir",
+    "BufferPool",
+    "Driver",
+    "DriverError",
+    "DriverFile",
+    "IssueFlag",
+    "PoolBuffer",
+    "UringCmd",
+    "available_drivers",
+    "configure_logging",
+    "get_logger",
+    "load_driver",
+]
