@@ -41,3 +41,34 @@ def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
         except Exception as exc:
             why[name] = f"{type(exc).__name__}: {exc}"
     return ok, why
+
+
+def probe_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Like :func:`available_backends`, but a backend whose probe fails
+    (``aiofused.backend.available_backends()``) is skipped with the probe's reason."""
+    from aiofused.backend import available_backends as probe_all
+
+    probes = {p.name: p for p in probe_all()}
+    why: dict[str, str] = {}
+    candidates: list[str] = []
+    for name in wanted:
+        probe = probes.get(name)
+        if probe is None:
+            why[name] = "unknown backend"
+        elif not probe.available:
+            why[name] = probe.reason or "probe failed"
+        else:
+            candidates.append(name)
+    ok, failed = available_backends(candidates)
+    why.update(failed)
+    return ok, why
+
+
+def kernel_uring_reason() -> str:
+    """Why the kernel's io_uring is unusable here ("" when it works), from the uring probe."""
+    from aiofused.backend import available_backends as probe_all
+
+    for probe in probe_all():
+        if probe.name == "uring":
+            return "" if probe.available else probe.reason or "probe failed"
+    return "no uring backend"
