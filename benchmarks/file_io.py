@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiofused._uapi import Op
-from aiofused.backends._base import Backend, IoOp
+from aiofused import Op
+from aiofused.backend import Backend, IoOp, get_backend_class
 
 FILE_SIZE = 256 << 20
 CELL_TIMEOUT = 60.0
@@ -354,15 +354,12 @@ def ring_works() -> str:
 async def run_cell(
     name: str, path: Path, fd: int, w: Workload, seconds: float, api: str
 ) -> float | None:
-    from aiofused.backends._asyncio import AsyncioBackend
-    from aiofused.backends._uring import UringBackend
-
     offs = Offsets(offsets_for(w))
     loop = asyncio.get_running_loop()
     if name in ("uring", "uring-be", "uring-cb"):
         if api == "ring" and name == "uring":
             return await bench_ring("uring", fd, w, seconds, offs)
-        backend: Backend = UringBackend(loop)
+        backend: Backend = get_backend_class("uring")(loop)
         try:
             if name in ("uring", "uring-be"):
                 return await bench_backend_await(backend, fd, w, seconds, offs)
@@ -372,7 +369,7 @@ async def run_cell(
     if name == "asyncio":
         if api == "ring":
             return await bench_ring("asyncio", fd, w, seconds, offs)
-        backend = AsyncioBackend(loop)
+        backend = get_backend_class("asyncio")(loop)
         try:
             return await bench_backend_await(backend, fd, w, seconds, offs)
         finally:
@@ -386,10 +383,9 @@ async def run_cell(
 
 def verify(fd: int) -> None:
     """Check that the uring backend reads the same bytes as os.pread."""
-    from aiofused.backends._uring import UringBackend
 
     async def check() -> None:
-        b = UringBackend(asyncio.get_running_loop())
+        b = get_backend_class("uring")(asyncio.get_running_loop())
         try:
             for off in (0, 4096 * 1000, FILE_SIZE - 4096):
                 buf = bytearray(4096)
@@ -424,9 +420,7 @@ def main() -> int:
     ap.add_argument("--json", default="", help="also write the medians to this file")
     args = ap.parse_args()
 
-    from aiofused.backends._uring import UringBackend
-
-    probe = UringBackend.probe()
+    probe = get_backend_class("uring").probe()
     if not probe.available:
         print(f"uring backend unavailable: {probe.reason}")
         return 1

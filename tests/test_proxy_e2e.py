@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer
-from aiofused.backends._base import get_backend_class
+from aiofused.backend import get_backend_class
 
 # ---- harness -----------------------------------------------------------------------------
 

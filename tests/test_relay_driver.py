@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from aiofused import BufDir, Ring, SetupFlag
-from aiofused.backends._base import get_backend_class
+from aiofused.backend import get_backend_class
 from aiofused_drivers.relay import RELAY_RECV, RelayDriver, RelayPool
 
 

@@ -49,10 +49,7 @@ import struct
 from collections import deque
 from typing import Final
 
-from aiofused._buffers import BufferPool, PoolBuffer
-from aiofused._driver import UringCmd
-from aiofused._log import get_logger
-from aiofused._uapi import EIOCBQUEUED, BufDir
+from aiofused.driver import EIOCBQUEUED, BufDir, BufferPool, PoolBuffer, UringCmd, get_logger
 
 __all__ = ["RELAY_RECV", "RelayChannel", "RelayDriver", "RelayPool"]
 

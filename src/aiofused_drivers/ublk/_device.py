@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiofused import EIOCBQUEUED, BufDir, UringCmd
-from aiofused._log import get_logger
+from aiofused.driver import get_logger
 
 __all__ = [
     "IO_CMD",

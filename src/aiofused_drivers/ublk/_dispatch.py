@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from aiofused._log import get_logger
+from aiofused.driver import get_logger
 
 __all__ = ["Dispatcher", "recv_connections", "report_ended"]
 

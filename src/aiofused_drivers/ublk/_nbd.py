@@ -33,7 +33,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from aiofused._log import get_logger
+from aiofused.driver import get_logger
 
 from . import _nbdproto as P
 from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, BlockRequest, IoOp, UblkDriver

@@ -16,7 +16,7 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
-from aiofused._buffers import BufferPool, PoolBuffer
+from aiofused.driver import BufferPool, PoolBuffer
 
 __all__ = ["ReqBuf", "RequestBuffers"]
 

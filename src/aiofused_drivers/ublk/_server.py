@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from aiofused import BufDir, Cqe, DriverFile, Ring, SqeFlag
-from aiofused._log import get_logger
+from aiofused.driver import get_logger
 
 from ._device import (
     UBLK_IO_COMMIT_AND_FETCH_REQ,

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from aiofused import Ring, SetupFlag
-from aiofused._buffers import BufferPool
-from aiofused._log import get_logger
+from aiofused.driver import BufferPool, get_logger
 
 from ._nbd import Export, NbdServer, export_from_spec
 from ._reqbuf import RequestBuffers

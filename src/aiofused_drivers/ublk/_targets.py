@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from aiofused import BufDir
-from aiofused._log import get_logger
+from aiofused.driver import get_logger
 
 from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, IoOp
 from ._mapping import MappingStore, SqliteMappingStore

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aiofused._log import configure_logging, get_logger
+from aiofused.driver import configure_logging, get_logger
 
 from ._dispatch import Dispatcher
 from ._nbd import NbdServer
