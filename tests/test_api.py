@@ -22,8 +22,9 @@ from aiofused import (
     SetupFlag,
     SqeFlag,
 )
-from aiofused._fused import TRANSITIONS, State
-from aiofused._opdef import OPDEFS
+from aiofused._core.opdef import OPDEFS
+from aiofused._core.records import FUSED_TRANSITIONS as TRANSITIONS
+from aiofused._core.records import FusedState as State
 from aiofused.backends import BACKENDS, get_backend_class, select_backend
 
 SPEC_NAMES = [

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from aiofused import Ring
-from aiofused._uapi import Op
+from aiofused._abi import Op
 from aiofused.backends._asyncio import AsyncioBackend
 from aiofused.backends._base import IoOp
 from tests.conftest import ENOENT, add, pairs

@@ -15,7 +15,6 @@ import pytest
 from conftest import ECANCELED
 
 from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, UringCmd, res_to_error
-from aiofused._views import counters
 from aiofused_drivers.null import NULL_INLINE, NULL_LEND, NullDriver
 
 
@@ -133,7 +132,7 @@ async def test_anyio_cancel_scope_waits_for_secondaries(ring: Ring, sockpairs: A
                     tg.start_soon(lease.recv, sockpairs[i][0], i * 16, 16)
     assert scope.cancelled_caught
     assert seen["lease"].result == ECANCELED
-    assert counters()["lent"] == 0 and ring.in_flight() == 0
+    assert ring.statistics()["lent"] == 0 and ring.in_flight() == 0
     with pytest.raises(ValueError):
         bytes(seen["lease"].buffer)
 
@@ -168,7 +167,7 @@ async def test_cancel_during_enter_without_hook(ring: Ring) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.1)  # the driver's timer fires; cmd.finished makes it stand down
-    assert ring.in_flight() == 0 and counters()["lent"] == 0
+    assert ring.in_flight() == 0 and ring.statistics()["lent"] == 0
 
 
 async def test_cancel_with_secondaries_in_flight(ring: Ring, sockpair: Any) -> None:
@@ -184,12 +183,12 @@ async def test_cancel_with_secondaries_in_flight(ring: Ring, sockpair: Any) -> N
 
     task = asyncio.create_task(use())
     await asyncio.sleep(0.02)
-    assert counters()["lent"] == 1
+    assert ring.statistics()["lent"] == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert box["lease"].result == ECANCELED
-    assert counters()["lent"] == 0
+    assert ring.statistics()["lent"] == 0
 
 
 async def test_cancel_during_exit_keeps_waiting(ring: Ring, sockpair: Any) -> None:
@@ -215,7 +214,7 @@ async def test_cancel_during_exit_keeps_waiting(ring: Ring, sockpair: Any) -> No
     assert box["lease"].result == ECANCELED
     with pytest.raises(OSError):
         await box["t"]
-    assert counters()["lent"] == 0
+    assert ring.statistics()["lent"] == 0
 
 
 async def test_cancel_after_cqe_before_waiter_wakes(ring: Ring, sockpair: Any) -> None:

@@ -15,13 +15,11 @@ from typing import Any
 import pytest
 from conftest import add, cyclic_garbage, reap
 
-from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, SqeFlag
-from aiofused._driver import UringCmd
-from aiofused._fused import Primary
-from aiofused._ring import Req
+from aiofused import EIOCBQUEUED, BufDir, DriverError, Ring, SqeFlag, UringCmd
+from aiofused._core.records import Req
 from aiofused_drivers.null import NULL_LEND, NULL_QUEUED
 
-_RUNTIME_TYPES = (Req, Primary, UringCmd)
+_RUNTIME_TYPES = (Req,)
 
 
 def cyclic_runtime_garbage() -> list[str]:
@@ -92,6 +90,17 @@ async def test_kept_command_after_completion(no_gc: None, ring: Ring, data_file:
             cmd.provide_buf_and_start(bytearray(8), lambda c: None)
     assert ring.peek_cqe() is None and ring.in_flight() == 0
     assert cyclic_runtime_garbage() == []
-    # The request behind a kept command is gone at once (refcounting, not the GC).
+    # A command is its request's record: the kept ones hold nothing of the ring any more,
+    # and every other record of the ring is on its free list (refcounting, not the GC).
+    for cmd in drv.kept:
+        assert cmd.buf is None and cmd.base is None and cmd.on_cqe is None
+        assert cmd.driver is None and cmd.callback is None and cmd.secondaries == []
     reqs = [o for o in gc.get_objects() if type(o).__name__ == "Req" and o.ring is ring]
-    assert reqs == []
+    kept = {id(c) for c in drv.kept}
+    assert all(id(r) in kept or r.state.name == "FREE" for r in reqs)
+    # A kept record is never handed out again: the next commands are other records.
+    first = list(drv.kept)
+    add(ring, 4, "uring_cmd", df, 0)
+    assert ring.submit() == 1
+    assert await reap(ring, 1) == [(4, 3)]
+    assert all(drv.kept[-1] is not c for c in first) and first[0].user_data == 1

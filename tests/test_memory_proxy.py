@@ -21,14 +21,12 @@ from typing import Any
 
 from conftest import cyclic_garbage
 
-from aiofused._driver import UringCmd
-from aiofused._fused import Primary
-from aiofused._lease import FusedScope, Lease
+from aiofused import FusedScope, Lease
+from aiofused._core.records import Req
 from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer, _Connection, _Mirror
-from aiofused._ring import Req
 from aiofused_drivers.relay import RelayChannel
 
-_CHUNK_TYPES = (Req, Primary, UringCmd, FusedScope, Lease)
+_CHUNK_TYPES = (Req, FusedScope, Lease)
 _CONNECTION_TYPES = (_Connection, _Mirror, RelayChannel)
 _RUNTIME_TYPES = _CHUNK_TYPES + _CONNECTION_TYPES
 _RESET = struct.pack("ii", 1, 0)

@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiofused import Ring, SetupFlag, SqeFlag
-from aiofused._views import counters
 from aiofused.testing import backend_params
 
 LINK = int(SqeFlag.IO_LINK)
@@ -175,7 +174,8 @@ async def _scenario(batch: list[Item], backend: str, fd: int, wfd: int) -> None:
     for chain in chains:
         seen = [pos[u] for u in chain if u in pos]
         assert seen == sorted(seen), f"chain {chain} out of order in {cqes}"
-    assert counters() == {"lent": 0, "views": 0}
+    stats = ring.statistics()
+    assert (stats["lent"], stats["views"]) == (0, 0)
     assert not errors, errors
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiofused._uapi import CqeFlag, Op, SqeFlag
-from aiofused.backends import _uring_abi as abi
+from aiofused._abi import CqeFlag, Op, SqeFlag
+from aiofused._abi import uring as abi
 from aiofused.backends._uring import UringBackend
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from aiofused._abi import CqeFlag, Op
+from aiofused._abi import uring as abi
 from aiofused._errors import BackendUnavailable
-from aiofused._uapi import CqeFlag, Op
 from aiofused.backends import _uring as uring
-from aiofused.backends import _uring_abi as abi
 from aiofused.backends._base import BackendOp, IoOp, select_backend
 from aiofused.backends._uring import UringBackend
 

@@ -8,20 +8,7 @@ of them.  Plain ops run on a real kernel io_uring where the machine allows it, a
 on asyncio otherwise, with the same semantics.
 """
 
-from aiofused._buffers import BufferPool, PoolBuffer
-from aiofused._driver import Driver, DriverFile, IssueFlag, UringCmd, available_drivers
-from aiofused._errors import (
-    AiofusedError,
-    BackendUnavailable,
-    DriverError,
-    RingClosedError,
-    check_res,
-    res_to_error,
-)
-from aiofused._lease import FusedScope, Lease
-from aiofused._ring import Ring
-from aiofused._sqe import Cqe, Sqe
-from aiofused._uapi import (
+from aiofused._abi import (
     EIOCBQUEUED,
     MAX_SECONDARY,
     BufDir,
@@ -32,6 +19,19 @@ from aiofused._uapi import (
     SqeFlag,
     UringCmdFlag,
 )
+from aiofused._buffers import BufferPool, PoolBuffer
+from aiofused._core.sqe import Cqe, Sqe
+from aiofused._driver import Driver, DriverFile, IssueFlag, UringCmd, available_drivers
+from aiofused._errors import (
+    AiofusedError,
+    BackendUnavailable,
+    DriverError,
+    RingClosedError,
+    check_res,
+    res_to_error,
+)
+from aiofused._runtime.lease import FusedScope, Lease
+from aiofused._runtime.ring import Ring
 
 __version__ = "0.1.0"
 

@@ -15,8 +15,6 @@ Low-level calls never raise for I/O errors: they post ``-errno`` in a CQE.
 
 from __future__ import annotations
 
-import os
-
 __all__ = [
     "AiofusedError",
     "BackendUnavailable",
@@ -52,6 +50,8 @@ def res_to_error(res: int) -> OSError:
     """Turn a negative CQE ``res`` into the matching :class:`OSError` subclass."""
     if res >= 0:
         raise ValueError(f"res {res} is not an error")
+    import os  # here, not at the top: the pure core imports this module's classes
+
     return OSError(-res, os.strerror(-res))
 
 

@@ -42,10 +42,9 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from aiofused._driver import DriverFile
+from aiofused import DriverFile, Ring
+from aiofused._abi import MAX_SECONDARY, SetupFlag, SqeFlag
 from aiofused._log import get_logger
-from aiofused._ring import Ring
-from aiofused._uapi import MAX_SECONDARY, SetupFlag, SqeFlag
 
 __all__ = ["VARIANTS", "FanoutError", "FanoutResult", "ProgressCallback", "compare_fanout"]
 

@@ -56,10 +56,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiofused._driver import DriverFile
+from aiofused import DriverFile, Ring
+from aiofused._abi import BufDir, SetupFlag
 from aiofused._log import configure_logging, get_logger
-from aiofused._ring import Ring
-from aiofused._uapi import BufDir, SetupFlag
 from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
 
 __all__ = [

@@ -7,6 +7,7 @@ completes with ``cmd.done``.  Plugins import only this module, :mod:`aiofused` a
 :mod:`aiofused.backend`; a test walks the in-tree drivers to keep it so.
 """
 
+from aiofused._abi import EIOCBQUEUED, BufDir
 from aiofused._buffers import BufferPool, PoolBuffer
 from aiofused._driver import (
     ENTRY_POINT_GROUP,
@@ -19,7 +20,6 @@ from aiofused._driver import (
 )
 from aiofused._errors import DriverError
 from aiofused._log import configure_logging, get_logger
-from aiofused._uapi import EIOCBQUEUED, BufDir
 
 __all__ = [
     "EIOCBQUEUED",

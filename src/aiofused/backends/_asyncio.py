@@ -40,8 +40,9 @@ import stat
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from aiofused._abi import EALREADY, ECANCELED, ENOENT, IORING_FSYNC_DATASYNC, CqeFlag, Op
+from aiofused._core.opdef import OPDEFS
 from aiofused._log import get_logger
-from aiofused._uapi import EALREADY, ECANCELED, ENOENT, CqeFlag, Op
 from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
 
 __all__ = ["BACKEND", "AsyncioBackend"]
@@ -49,7 +50,6 @@ __all__ = ["BACKEND", "AsyncioBackend"]
 _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
 _SOCK_OPS = frozenset({Op.SEND, Op.RECV, Op.SEND_ZC})
-_FSYNC_DATASYNC = 1
 # 0 where the platform has no RWF_NOWAIT: every file op then goes to the pool.
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _RWF_SYNC_ANY: int = getattr(os, "RWF_DSYNC", 0) | getattr(os, "RWF_SYNC", 0)
@@ -87,9 +87,7 @@ class AsyncioBackend(Backend):
     """Plain ops on the asyncio loop (uvloop or the default loop)."""
 
     name: ClassVar[str] = "asyncio"
-    _OPS: ClassVar[frozenset[Op]] = frozenset(
-        {Op.READ, Op.WRITE, Op.SEND, Op.RECV, Op.SEND_ZC, Op.FSYNC, Op.FALLOCATE}
-    )
+    _OPS: ClassVar[frozenset[Op]] = frozenset(d.op for d in OPDEFS.values() if d.asyncio)
 
     #: Try regular-file READ/WRITE inline with RWF_NOWAIT first (False: always the pool).
     _NOWAIT_DEFAULT: ClassVar[bool] = bool(_RWF_NOWAIT)
@@ -116,7 +114,7 @@ class AsyncioBackend(Backend):
 
     @property
     def supported_ops(self) -> frozenset[Op]:
-        """READ, WRITE, SEND, RECV, SEND_ZC and FSYNC."""
+        """The op table's ``asyncio`` ops (leaf I/O but the ``_FIXED`` forms)."""
         return self._OPS
 
     def in_flight(self) -> int:
@@ -147,7 +145,7 @@ class AsyncioBackend(Backend):
             self._to_thread(h, _fallocate, op.fd, op.rw_flags, op.offset, op.nbytes)
             return h
         if code == Op.FSYNC:
-            datasync = bool(op.rw_flags & _FSYNC_DATASYNC)
+            datasync = bool(op.rw_flags & IORING_FSYNC_DATASYNC)
             self._to_thread(h, _fsync, op.fd, datasync)
             return h
         h.write = code == Op.WRITE

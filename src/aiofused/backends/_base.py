@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The ring (``_ring.py``) owns every rule of the SPEC: links, skip, drain, fused
+The ring core (``aiofused._core``) owns every rule of the SPEC: links, skip, drain, fused
 commands, timeouts, cancellation bookkeeping.  A backend only *executes leaf I/O
 ops* (READ, WRITE, SEND, RECV, SEND_ZC, FSYNC and the ``_FIXED`` forms) and reports
 their completions.  Contract, for every backend:
@@ -34,9 +34,10 @@ import os
 from collections.abc import Callable
 from typing import ClassVar
 
+from aiofused._abi import Op
+from aiofused._core.records import IoOp
 from aiofused._errors import BackendUnavailable
 from aiofused._log import get_logger
-from aiofused._uapi import Op
 
 __all__ = [
     "BACKENDS",
@@ -57,28 +58,6 @@ _MODULES = {"uring": "aiofused.backends._uring", "asyncio": "aiofused.backends._
 
 #: ``complete(res, cqe_flags)``
 Completion = Callable[[int, int], None]
-
-
-@dataclasses.dataclass(slots=True)
-class IoOp:
-    """One leaf I/O op as the ring hands it to a backend (fields already validated)."""
-
-    opcode: Op
-    #: OS file descriptor (already resolved from a fixed-file slot or ``fileno()``).
-    fd: int
-    #: The buffer the op reads from or writes into (None for FSYNC).  For fused
-    #: secondaries this is a slice of the lent buffer.
-    buf: memoryview | None = None
-    #: Byte count to transfer (``len(buf)`` unless the SQE said less).
-    nbytes: int = 0
-    #: File offset for READ/WRITE; -1 means "current position" as in the kernel.
-    offset: int = 0
-    #: ``msg_flags`` for SEND/RECV, ``RWF_*`` for READ/WRITE, fsync flags for FSYNC.
-    rw_flags: int = 0
-    #: Index in the backend's registered buffers, or -1.
-    buf_index: int = -1
-    #: The object the fd came from (a socket, a file), kept alive with the op.
-    file: object = None
 
 
 class BackendOp:

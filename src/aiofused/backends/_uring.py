@@ -64,10 +64,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
+from aiofused._abi import CqeFlag, Op
+from aiofused._abi import uring as abi
+from aiofused._core.opdef import OPDEFS, UringEnc
 from aiofused._errors import BackendUnavailable
 from aiofused._log import get_logger
-from aiofused._uapi import CqeFlag, Op
-from aiofused.backends import _uring_abi as abi
 from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
 
 __all__ = ["BACKEND", "UringBackend", "reset_probe_cache"]
@@ -93,50 +94,27 @@ def reset_probe_cache() -> None:
 
 # ---- constants -------------------------------------------------------------------------
 
-#: Opcodes this backend executes (intersected with what the kernel reports).
-IMPLEMENTED_OPS: Final = frozenset(
-    {
-        Op.READ,
-        Op.WRITE,
-        Op.READ_FIXED,
-        Op.WRITE_FIXED,
-        Op.SEND,
-        Op.RECV,
-        Op.SEND_ZC,
-        Op.FSYNC,
-        Op.FALLOCATE,
-    }
-)
-
-# Per-opcode facts used by start(): bits of _OpInfo.flags.
-_I_OFFSET: Final = 1  # the SQE carries op.offset
-_I_FIXED: Final = 2  # the SQE carries op.buf_index
-_I_DEST: Final = 4  # the kernel writes the buffer (needs a writable view)
-_I_NEEDS_BUF: Final = 8
-_I_FALLOC: Final = 16  # FALLOCATE: addr carries op.nbytes (the length), len op.rw_flags (mode)
+# Per-opcode facts used by start(), from the op table: bits of the third field.
+_I_OFFSET: Final = int(UringEnc.OFFSET)  # the SQE carries op.offset
+_I_FIXED: Final = int(UringEnc.FIXED)  # the SQE carries op.buf_index
+_I_DEST: Final = int(UringEnc.DEST)  # the kernel writes the buffer (needs a writable view)
+_I_NEEDS_BUF: Final = int(UringEnc.BUF)
+_I_FALLOC: Final = int(UringEnc.FALLOC)  # addr carries op.nbytes (the length), len the mode
 
 # Record kinds.
 _K_PLAIN: Final = 0
 _K_ZC: Final = 1
 _K_CANCEL: Final = 2
 
-#: opcode -> (kernel opcode number, record kind, _I_* flags)
+#: opcode -> (kernel opcode number, record kind, _I_* flags), for every op the op table
+#: gives a kernel encoding.
 _OPINFO: Final[dict[Op, tuple[int, int, int]]] = {
-    Op.READ: (abi.IORING_OP_READ, _K_PLAIN, _I_OFFSET | _I_DEST | _I_NEEDS_BUF),
-    Op.WRITE: (abi.IORING_OP_WRITE, _K_PLAIN, _I_OFFSET | _I_NEEDS_BUF),
-    Op.READ_FIXED: (
-        abi.IORING_OP_READ_FIXED,
-        _K_PLAIN,
-        _I_OFFSET | _I_FIXED | _I_DEST | _I_NEEDS_BUF,
-    ),
-    Op.WRITE_FIXED: (abi.IORING_OP_WRITE_FIXED, _K_PLAIN, _I_OFFSET | _I_FIXED | _I_NEEDS_BUF),
-    Op.SEND: (abi.IORING_OP_SEND, _K_PLAIN, _I_NEEDS_BUF),
-    Op.RECV: (abi.IORING_OP_RECV, _K_PLAIN, _I_DEST | _I_NEEDS_BUF),
-    Op.SEND_ZC: (abi.IORING_OP_SEND_ZC, _K_ZC, _I_NEEDS_BUF),
-    Op.FSYNC: (abi.IORING_OP_FSYNC, _K_PLAIN, 0),
-    Op.FALLOCATE: (abi.IORING_OP_FALLOCATE, _K_PLAIN, _I_OFFSET | _I_FALLOC),
+    d.op: (int(d.op), _K_ZC if d.uring & UringEnc.ZC else _K_PLAIN, int(d.uring))
+    for d in OPDEFS.values()
+    if d.uring & UringEnc.KERNEL
 }
-assert set(_OPINFO) == IMPLEMENTED_OPS
+#: Opcodes this backend executes (intersected with what the kernel reports).
+IMPLEMENTED_OPS: Final = frozenset(_OPINFO)
 
 _U64: Final = 0xFFFFFFFFFFFFFFFF
 _U32: Final = 0xFFFFFFFF

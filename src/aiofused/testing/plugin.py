@@ -19,8 +19,6 @@ from typing import Any
 
 import pytest
 
-from aiofused._views import counters
-
 __all__ = ["LeakError", "assert_no_leaks", "backend_params"]
 
 
@@ -30,13 +28,15 @@ class LeakError(AssertionError):
 
 def assert_no_leaks() -> None:
     """Raise :class:`LeakError` if a request is in flight, a buffer lent or a view alive."""
-    from aiofused._ring import Ring
+    from aiofused import Ring
 
-    busy = [r for r in list(Ring._instances) if r.in_flight()]
-    c = counters()
-    if busy or c["lent"] or c["views"]:
-        detail = ", ".join(f"ring {id(r):#x}: {r.in_flight()} in flight" for r in busy)
-        raise LeakError(f"leak after test: lent={c['lent']} views={c['views']} {detail}")
+    leaks = []
+    for ring in list(Ring._instances):
+        stats = ring.statistics()
+        if stats["in_flight"] or stats["lent"] or stats["views"] or stats["sq_pending"]:
+            leaks.append(f"ring {id(ring):#x}: {stats}")
+    if leaks:
+        raise LeakError("leak after test: " + "; ".join(leaks))
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

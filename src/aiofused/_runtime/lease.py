@@ -20,14 +20,13 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiofused._driver import DriverFile
+from aiofused._abi import EINVAL, BufDir, Op
+from aiofused._core.opdef import OPDEFS
+from aiofused._core.records import DriverFile, Req
 from aiofused._errors import DriverError, check_res, res_to_error
-from aiofused._opdef import OPDEFS
-from aiofused._uapi import EINVAL, BufDir, Op
 
 if TYPE_CHECKING:
-    from aiofused._fused import Primary
-    from aiofused._ring import Ring
+    from aiofused._runtime.ring import Ring
 
 __all__ = ["FusedScope", "Lease"]
 
@@ -80,7 +79,7 @@ class FusedScope:
         self.cmd_op = cmd_op
         self.cmd = bytes(cmd)
         self.buf_dir = buf_dir if type(buf_dir) is BufDir else BufDir(buf_dir)
-        self.primary: Primary | None = None
+        self.primary: Req | None = None
         self.lent = False
         self.lease: Lease | None = None
         self._res: int | None = None  # the primary's res, once its completion came
@@ -119,21 +118,19 @@ class FusedScope:
 
     async def __aenter__(self) -> Lease:
         ring = self.ring
-        p = ring._private_primary(
+        p = ring.private_primary(
             self.driver_file, self.cmd_op, self.cmd, self.buf_dir, self._on_primary_cqe
         )
-        prim = p.fused
-        assert prim is not None
-        self.primary = prim
-        prim.on_lent = self._on_lent
-        ring._start_private(p)
+        self.primary = p
+        p.on_lent = self._on_lent
+        ring.start_private(p)
         if not self.lent and self._res is None:
             self._wake = ring.loop.create_future()
             try:
                 await self._wake
             except asyncio.CancelledError:
-                ring._cancel_req(p, lambda res: None)
-                prim.seal()
+                ring.cancel(p, _ignore)
+                ring.seal(p)
                 await self._wait_done()
                 raise
             self._wake = None
@@ -146,16 +143,17 @@ class FusedScope:
             lease.result = res
             self.lease = lease
             return lease
-        self.lease = Lease(self, prim.lease_view())
+        self.lease = Lease(self, ring.lease_view(p))
         return self.lease
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> bool:
         prim = self.primary
+        ring = self.ring
         assert prim is not None and self.lease is not None
         if exc_type is not None:
-            prim.cancel_secondaries()
-        prim.seal()
-        cancelled = await self._wait_done(prim.cancel_secondaries)
+            ring.cancel_secondaries(prim)
+        ring.seal(prim)
+        cancelled = await self._wait_done(lambda: ring.cancel_secondaries(prim))
         self.lease.result = self._res
         self.lease = None  # the lease keeps its scope; this side of the cycle goes
         if cancelled and exc_type is None:
@@ -176,11 +174,23 @@ class FusedScope:
             nbytes = (len(self.lease.buffer) if self.lease is not None else 0) - at
         ring = self.ring
         fut: asyncio.Future[int] = ring.loop.create_future()
-        s = ring._private_secondary(op, fd, at, nbytes, offset, flags, fut)
-        prim.add_secondary(s)
+        s = ring.private_secondary(op, fd, at, nbytes, offset, flags, _future_setter(fut))
+        ring.add_secondary(prim, s)
         try:
             res = await fut
         except asyncio.CancelledError:
-            ring._cancel_req(s, lambda res: None)
+            ring.cancel(s, _ignore)
             raise
         return check_res(res)
+
+
+def _future_setter(fut: asyncio.Future[int]) -> Callable[[int, int], None]:
+    def on_cqe(res: int, flags: int) -> None:
+        if not fut.done():
+            fut.set_result(res)
+
+    return on_cqe
+
+
+def _ignore(res: int) -> None:
+    pass

@@ -1,8 +1,11 @@
 """``Sqe`` and ``Cqe``, and the liburing-style ``prep_*`` helpers.
 
-An :class:`Sqe` is a mutable slot, as in the kernel's SQ array; the ring copies its
-fields when :meth:`Ring.submit` consumes it, so the slot object can be dropped
-afterwards.  A :class:`Cqe` is an immutable record.
+An :class:`Sqe` is a slot of the ring's SQ array, as in the kernel: ``get_sqe`` hands
+out the next slot with its optional fields cleared (liburing's
+``io_uring_initialize_sqe``), the ``prep_*`` helpers set the rest, and ``submit`` copies
+what it needs into a request record and drops the slot's references, so the slot can
+be handed out again.  Keep no reference to an SQE past ``submit``.  A :class:`Cqe` is
+an immutable record.
 """
 
 from __future__ import annotations
@@ -10,12 +13,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Protocol
 
-from aiofused._driver import DriverFile
-from aiofused._uapi import Op, SqeFlag, UringCmdFlag
+from aiofused._abi import Op, SqeFlag, UringCmdFlag
+from aiofused._core.records import DriverFile
 
 __all__ = ["Cqe", "FileLike", "Sqe"]
 
 _F_FIXED = int(SqeFlag.FIXED_FILE)
+_OP_NOP = int(Op.NOP)
+_OP_READ = int(Op.READ)
+_OP_WRITE = int(Op.WRITE)
+_OP_READ_FIXED = int(Op.READ_FIXED)
+_OP_WRITE_FIXED = int(Op.WRITE_FIXED)
+_OP_SEND = int(Op.SEND)
+_OP_RECV = int(Op.RECV)
+_OP_SEND_ZC = int(Op.SEND_ZC)
+_OP_FSYNC = int(Op.FSYNC)
+_OP_FALLOCATE = int(Op.FALLOCATE)
+_OP_TIMEOUT = int(Op.TIMEOUT)
+_OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
+_OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
+_OP_URING_CMD = int(Op.URING_CMD)
+_OP_FUSED_CMD = int(Op.FUSED_CMD)
 
 
 class FileLike(Protocol):
@@ -30,6 +48,12 @@ class Cqe(NamedTuple):
     user_data: int
     res: int
     flags: int = 0
+
+
+def _nbytes(buf: Any) -> int:
+    if isinstance(buf, int):
+        raise ValueError("nbytes is required when buf is an offset into a lent buffer")
+    return memoryview(buf).nbytes
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -58,106 +82,104 @@ class Sqe:
 
     # ---- helpers -------------------------------------------------------------
 
-    def _prep(self, op: Op, fd: Any, addr: Any, length: int, off: int) -> None:
-        """Reset every field but ``user_data`` and ``flags`` (as ``io_uring_prep_rw``)."""
-        self.opcode = int(op)
+    def _reset(self) -> None:
+        """Clear what no ``prep`` helper sets (``get_sqe``; liburing's initialize_sqe)."""
+        self.flags = 0
         self.ioprio = 0
-        self.fd = fd
-        self.off = off
-        self.addr = addr
-        self.len = length
         self.rw_flags = 0
+        self.user_data = 0
         self.buf_index = 0
         self.nr_secondary = 0
         self.uring_cmd_flags = 0
         self.cmd_op = 0
         self.cmd = b""
         self.pad1 = 0
-        if isinstance(fd, DriverFile):
-            self.flags = int(self.flags) | _F_FIXED
 
-    @staticmethod
-    def _nbytes(buf: Any, nbytes: int | None) -> int:
-        if nbytes is not None:
-            return nbytes
-        if isinstance(buf, int):
-            raise ValueError("nbytes is required when buf is an offset into a lent buffer")
-        return memoryview(buf).nbytes
+    def _prep(self, op: int, fd: Any, addr: Any, length: int, off: int) -> None:
+        """Set the common fields (``io_uring_prep_rw``); ``user_data``/``flags`` stay."""
+        self.opcode = op
+        self.fd = fd
+        self.off = off
+        self.addr = addr
+        self.len = length
+        self.rw_flags = 0
+        if type(fd) is DriverFile:
+            self.flags = int(self.flags) | _F_FIXED
 
     def prep_nop(self) -> None:
         """``IORING_OP_NOP``: completes with res 0."""
-        self._prep(Op.NOP, -1, 0, 0, 0)
+        self._prep(_OP_NOP, -1, 0, 0, 0)
 
     def prep_read(self, fd: Any, buf: Any, nbytes: int | None = None, offset: int = 0) -> None:
         """READ ``nbytes`` at ``offset`` into ``buf`` (-1: current file position)."""
-        self._prep(Op.READ, fd, buf, self._nbytes(buf, nbytes), offset)
+        self._prep(_OP_READ, fd, buf, nbytes if nbytes is not None else _nbytes(buf), offset)
 
     def prep_write(self, fd: Any, buf: Any, nbytes: int | None = None, offset: int = 0) -> None:
         """WRITE ``nbytes`` of ``buf`` at ``offset`` (-1: current file position)."""
-        self._prep(Op.WRITE, fd, buf, self._nbytes(buf, nbytes), offset)
+        self._prep(_OP_WRITE, fd, buf, nbytes if nbytes is not None else _nbytes(buf), offset)
 
     def prep_read_fixed(
         self, fd: Any, buf: int, nbytes: int, offset: int = 0, buf_index: int = 0
     ) -> None:
         """READ_FIXED into registered buffer ``buf_index`` at byte offset ``buf``."""
-        self._prep(Op.READ_FIXED, fd, buf, nbytes, offset)
+        self._prep(_OP_READ_FIXED, fd, buf, nbytes, offset)
         self.buf_index = buf_index
 
     def prep_write_fixed(
         self, fd: Any, buf: int, nbytes: int, offset: int = 0, buf_index: int = 0
     ) -> None:
         """WRITE_FIXED from registered buffer ``buf_index`` at byte offset ``buf``."""
-        self._prep(Op.WRITE_FIXED, fd, buf, nbytes, offset)
+        self._prep(_OP_WRITE_FIXED, fd, buf, nbytes, offset)
         self.buf_index = buf_index
 
     def prep_send(self, fd: Any, buf: Any, nbytes: int | None = None, flags: int = 0) -> None:
         """SEND on a socket with ``MSG_*`` ``flags``."""
-        self._prep(Op.SEND, fd, buf, self._nbytes(buf, nbytes), 0)
+        self._prep(_OP_SEND, fd, buf, nbytes if nbytes is not None else _nbytes(buf), 0)
         self.rw_flags = flags
 
     def prep_recv(self, fd: Any, buf: Any, nbytes: int | None = None, flags: int = 0) -> None:
         """RECV from a socket with ``MSG_*`` ``flags``."""
-        self._prep(Op.RECV, fd, buf, self._nbytes(buf, nbytes), 0)
+        self._prep(_OP_RECV, fd, buf, nbytes if nbytes is not None else _nbytes(buf), 0)
         self.rw_flags = flags
 
     def prep_send_zc(self, fd: Any, buf: Any, nbytes: int | None = None, flags: int = 0) -> None:
         """SEND_ZC: a result CQE with ``CqeFlag.MORE``, then a ``NOTIF`` CQE (SPEC R8)."""
-        self._prep(Op.SEND_ZC, fd, buf, self._nbytes(buf, nbytes), 0)
+        self._prep(_OP_SEND_ZC, fd, buf, nbytes if nbytes is not None else _nbytes(buf), 0)
         self.rw_flags = flags
 
     def prep_fsync(self, fd: Any, fsync_flags: int = 0) -> None:
         """FSYNC (``IORING_FSYNC_DATASYNC`` = 1 in ``fsync_flags`` for fdatasync)."""
-        self._prep(Op.FSYNC, fd, 0, 0, 0)
+        self._prep(_OP_FSYNC, fd, 0, 0, 0)
         self.rw_flags = fsync_flags
 
     def prep_fallocate(self, fd: Any, mode: int, offset: int, length: int) -> None:
         """FALLOCATE ``length`` bytes at ``offset`` with ``FALLOC_FL_*`` ``mode``
         (``io_uring_prep_fallocate``: ``addr`` carries the length, ``len`` the mode)."""
-        self._prep(Op.FALLOCATE, fd, length, mode, offset)
+        self._prep(_OP_FALLOCATE, fd, length, mode, offset)
 
     def prep_timeout(self, seconds: float, count: int = 0) -> None:
         """TIMEOUT: -ETIME after ``seconds``, or 0 once ``count`` other CQEs were posted."""
-        self._prep(Op.TIMEOUT, -1, float(seconds), 1, count)
+        self._prep(_OP_TIMEOUT, -1, float(seconds), 1, count)
 
     def prep_link_timeout(self, seconds: float) -> None:
         """LINK_TIMEOUT for the previous (``IO_LINK``) SQE."""
-        self._prep(Op.LINK_TIMEOUT, -1, float(seconds), 1, 0)
+        self._prep(_OP_LINK_TIMEOUT, -1, float(seconds), 1, 0)
 
     def prep_cancel(self, user_data: int, flags: int = 0) -> None:
         """ASYNC_CANCEL of the request with ``user_data``."""
-        self._prep(Op.ASYNC_CANCEL, -1, user_data, 0, 0)
+        self._prep(_OP_ASYNC_CANCEL, -1, user_data, 0, 0)
         self.rw_flags = flags
 
     def prep_uring_cmd(self, fd: Any, cmd_op: int, cmd: bytes = b"") -> None:
         """URING_CMD to a driver."""
-        self._prep(Op.URING_CMD, fd, 0, 0, 0)
+        self._prep(_OP_URING_CMD, fd, 0, 0, 0)
         self.cmd_op = cmd_op
-        self.cmd = bytes(cmd)
+        self.cmd = cmd if type(cmd) is bytes else bytes(cmd)
 
     def prep_fused_cmd(self, fd: Any, cmd_op: int, nr_secondary: int = 1, cmd: bytes = b"") -> None:
         """FUSED_CMD primary; the next ``nr_secondary`` SQEs are its secondaries."""
-        self._prep(Op.FUSED_CMD, fd, 0, 0, 0)
+        self._prep(_OP_FUSED_CMD, fd, 0, 0, 0)
         self.cmd_op = cmd_op
-        self.cmd = bytes(cmd)
+        self.cmd = cmd if type(cmd) is bytes else bytes(cmd)
         self.nr_secondary = nr_secondary
         self.uring_cmd_flags = int(UringCmdFlag.FUSED_BUF)

@@ -30,6 +30,13 @@ import sys
 import threading
 from typing import Final
 
+from aiofused._abi import (  # noqa: F401 - re-exported kernel names
+    IORING_ASYNC_CANCEL_ALL,
+    IORING_FSYNC_DATASYNC,
+    CqeFlag,
+    Op,
+)
+
 __all__ = [
     "CQE_STRUCT",
     "IORING_OFF_CQ_RING",
@@ -62,21 +69,21 @@ NR_io_uring_setup: Final = 425
 NR_io_uring_enter: Final = 426
 NR_io_uring_register: Final = 427
 
-# ---- opcodes used by the backend (kernel numbers) ----------------------------------
+# ---- opcodes used by the backend: the numbers live once, in aiofused._abi.Op ------
 
-IORING_OP_NOP: Final = 0
-IORING_OP_READV: Final = 1
-IORING_OP_WRITEV: Final = 2
-IORING_OP_FSYNC: Final = 3
-IORING_OP_FALLOCATE: Final = 17
-IORING_OP_READ_FIXED: Final = 4
-IORING_OP_WRITE_FIXED: Final = 5
-IORING_OP_ASYNC_CANCEL: Final = 14
-IORING_OP_READ: Final = 22
-IORING_OP_WRITE: Final = 23
-IORING_OP_SEND: Final = 26
-IORING_OP_RECV: Final = 27
-IORING_OP_SEND_ZC: Final = 47
+IORING_OP_NOP: Final = int(Op.NOP)
+IORING_OP_READV: Final = int(Op.READV)
+IORING_OP_WRITEV: Final = int(Op.WRITEV)
+IORING_OP_FSYNC: Final = int(Op.FSYNC)
+IORING_OP_FALLOCATE: Final = int(Op.FALLOCATE)
+IORING_OP_READ_FIXED: Final = int(Op.READ_FIXED)
+IORING_OP_WRITE_FIXED: Final = int(Op.WRITE_FIXED)
+IORING_OP_ASYNC_CANCEL: Final = int(Op.ASYNC_CANCEL)
+IORING_OP_READ: Final = int(Op.READ)
+IORING_OP_WRITE: Final = int(Op.WRITE)
+IORING_OP_SEND: Final = int(Op.SEND)
+IORING_OP_RECV: Final = int(Op.RECV)
+IORING_OP_SEND_ZC: Final = int(Op.SEND_ZC)
 
 # ---- io_uring_setup flags ----------------------------------------------------------
 
@@ -129,15 +136,13 @@ IORING_CQ_EVENTFD_DISABLED: Final = 1 << 0
 
 # ---- CQE flags -------------------------------------------------------------------------
 
-IORING_CQE_F_BUFFER: Final = 1 << 0
-IORING_CQE_F_MORE: Final = 1 << 1
-IORING_CQE_F_SOCK_NONEMPTY: Final = 1 << 2
-IORING_CQE_F_NOTIF: Final = 1 << 3
+IORING_CQE_F_BUFFER: Final = int(CqeFlag.BUFFER)
+IORING_CQE_F_MORE: Final = int(CqeFlag.MORE)
+IORING_CQE_F_SOCK_NONEMPTY: Final = int(CqeFlag.SOCK_NONEMPTY)
+IORING_CQE_F_NOTIF: Final = int(CqeFlag.NOTIF)
 
 # ---- per-op flags ----------------------------------------------------------------------
 
-IORING_FSYNC_DATASYNC: Final = 1 << 0
-IORING_ASYNC_CANCEL_ALL: Final = 1 << 0
 IORING_ASYNC_CANCEL_FD: Final = 1 << 1
 IORING_ASYNC_CANCEL_ANY: Final = 1 << 2
 IORING_ASYNC_CANCEL_FD_FIXED: Final = 1 << 3

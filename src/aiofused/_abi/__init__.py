@@ -32,6 +32,13 @@ EIOCBQUEUED: Final = -529
 #: Upper bound of ``nr_secondary`` (SPEC F3).
 MAX_SECONDARY: Final = 64
 
+#: ``fsync_flags`` bit: fdatasync instead of fsync.
+IORING_FSYNC_DATASYNC: Final = 1 << 0
+#: ``ASYNC_CANCEL`` flag: cancel every request matching the key.
+IORING_ASYNC_CANCEL_ALL: Final = 1 << 0
+#: The bytes of a URING_CMD's ``cmd`` (the 80-byte ``cmd`` area of a 128-byte SQE).
+MAX_CMD_BYTES: Final = 80
+
 
 class Op(enum.IntEnum):
     """``IORING_OP_*`` opcodes (kernel numbers)."""

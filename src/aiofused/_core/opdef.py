@@ -1,0 +1,415 @@
+"""The op table: one :class:`OpDef` per opcode, with every per-op fact, checked at import.
+
+Capabilities are data (``needs_file``, ``fused_secondary``, ``buf_dir``, ``ioprio``,
+``short_fails``), each entry names its ``prep`` (init-time validation: returns 0 or
+``-errno``) and its ``issue`` kind, and the backends read their encoding from here too:
+``uring`` (how the op's SQE is packed for the kernel) and ``asyncio`` (whether the
+asyncio backend runs it).  Modelled on the kernel's ``io_uring/opdef.c`` and
+``io_uring_optable_init``.  Adding an opcode is one entry here plus its ``prep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiofused._abi import (
+    EBADF,
+    EFAULT,
+    EINVAL,
+    EOPNOTSUPP,
+    IORING_ASYNC_CANCEL_ALL,
+    IORING_FSYNC_DATASYNC,
+    MAX_CMD_BYTES,
+    BufDir,
+    Op,
+    SqeFlag,
+    UringCmdFlag,
+)
+from aiofused._core.records import DriverFile
+
+if TYPE_CHECKING:
+    from aiofused._core.records import Req
+    from aiofused._core.ring import RingCore
+    from aiofused._core.sqe import Sqe
+
+__all__ = ["OPDEFS", "Issue", "OpDef", "UringEnc"]
+
+Prep = Callable[["RingCore", "Req", "Sqe"], int]
+
+_F_FIXED = int(SqeFlag.FIXED_FILE)
+_F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
+_CMD_FIXED = int(UringCmdFlag.FIXED)
+_CMD_FUSED_BUF = int(UringCmdFlag.FUSED_BUF)
+_DEST, _SRC = BufDir.DEST, BufDir.SRC
+
+
+class Issue(enum.IntEnum):
+    """How the core starts an op once it is its turn."""
+
+    NOP = 0
+    IO = 1  # a leaf op run by a backend
+    TIMEOUT = 2
+    LINK_TIMEOUT = 3  # armed with its target, never issued on its own
+    CANCEL = 4
+    COMMAND = 5  # URING_CMD / FUSED_CMD: the driver's uring_cmd
+
+
+class UringEnc(enum.IntFlag):
+    """How the uring backend packs an op's SQE (bits of :attr:`OpDef.uring`)."""
+
+    NONE = 0
+    #: The kernel runs the op (the backend may take it).
+    KERNEL = 1 << 0
+    #: The SQE carries ``op.offset``.
+    OFFSET = 1 << 1
+    #: The SQE carries ``op.buf_index`` (READ_FIXED/WRITE_FIXED).
+    FIXED = 1 << 2
+    #: The kernel writes the buffer (it must be writable).
+    DEST = 1 << 3
+    #: The op needs a buffer.
+    BUF = 1 << 4
+    #: FALLOCATE: ``addr`` carries the length, ``len`` the mode.
+    FALLOC = 1 << 5
+    #: SEND_ZC: two CQEs (result with MORE, then NOTIF).
+    ZC = 1 << 6
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpDef:
+    """What the ring and its backends know about one opcode."""
+
+    op: Op
+    prep: Prep
+    issue: Issue
+    needs_file: bool = False
+    #: May be a secondary of a fused command (V6 ``fused_secondary``).
+    fused_secondary: bool = False
+    #: DEST: the op writes into its buffer; SRC: it reads from it.
+    buf_dir: BufDir | None = None
+    ioprio: bool = False
+    #: A short result (res != requested length) fails the request, severing links.
+    short_fails: bool = False
+    #: errno for ``IOSQE_BUFFER_SELECT`` on this op (no provided-buffer rings here).
+    buffer_select_err: int = EOPNOTSUPP
+    #: The uring backend's encoding (``UringEnc.NONE``: not a kernel op here).
+    uring: UringEnc = UringEnc.NONE
+    #: The asyncio backend runs it.
+    asyncio: bool = False
+
+    @property
+    def backend(self) -> bool:
+        """Executed by a backend (leaf I/O)."""
+        return self.issue is Issue.IO
+
+
+# ---- fd and buffer resolution -------------------------------------------------------
+
+
+def resolve_fd(core: RingCore, req: Req, fd: Any, flags: int) -> int:
+    """Fill ``req.fd``/``req.file``/``req.driver``; return 0 or an init error."""
+    if type(fd) is DriverFile:
+        req.fd = -1
+        if fd.ring_id == core.id:
+            req.driver = core.fixed_driver(fd.index)
+        return 0
+    if flags & _F_FIXED:
+        if not isinstance(fd, int):
+            return EINVAL
+        req.driver = core.fixed_driver(fd)
+        req.fd = -1
+        return 0
+    if isinstance(fd, int):
+        req.fd = fd
+        return 0
+    fileno = getattr(fd, "fileno", None)
+    if fileno is None:
+        return EBADF
+    try:
+        req.fd = int(fileno())
+    except (OSError, ValueError):
+        req.fd = -1
+    req.file = fd
+    return 0
+
+
+def take_buffer(core: RingCore, req: Req, addr: Any, length: int, writable: bool) -> int:
+    """Hold ``addr`` as a byte memoryview of ``length``; 0 or the issue-time error."""
+    if length < 0:
+        return EINVAL
+    if type(addr) is bytearray and length == len(addr):  # the common case: no checks needed
+        req.buf = memoryview(addr)
+        core.views += 1
+        return 0
+    try:
+        mv = memoryview(addr)
+    except TypeError:
+        return EFAULT
+    if not mv.c_contiguous:
+        mv.release()
+        return EFAULT
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        flat = mv.cast("B")
+        mv.release()
+        mv = flat
+    if (writable and mv.readonly) or length > mv.nbytes:
+        mv.release()
+        return EFAULT
+    if length != mv.nbytes:
+        view = mv[:length]
+        mv.release()
+        mv = view
+    req.buf = mv
+    core.views += 1
+    return 0
+
+
+# ---- prep -----------------------------------------------------------------------------
+
+
+def _prep_nop(core: RingCore, req: Req, sqe: Sqe) -> int:
+    return 0
+
+
+def _no_driver(req: Req, flags: int) -> None:
+    """A plain-file op given a driver's file or a fixed slot fails at issue, as the
+    kernel's file check does (-EINVAL for a driver, -EBADF for an empty slot)."""
+    if req.driver is not None or flags & _F_FIXED:
+        req.issue_err = EBADF if req.driver is None else EINVAL
+
+
+def _prep_rw(core: RingCore, req: Req, sqe: Sqe) -> int:
+    fd = sqe.fd
+    flags = req.flags
+    if type(fd) is int and not flags & _F_FIXED:
+        req.fd = fd  # the common case, without the general resolution
+    else:
+        err = resolve_fd(core, req, fd, flags)
+        if err:
+            return err
+        _no_driver(req, flags)
+        if req.issue_err:
+            return 0
+    n = sqe.len
+    req.nbytes = n
+    req.offset = sqe.off
+    rw = sqe.rw_flags
+    req.rw_flags = rw if type(rw) is int else int(rw)  # socket.MSG_* are IntFlags
+    if n < 0:
+        return EINVAL
+    addr = sqe.addr
+    if req.primary is not None:  # fused secondary: addr is an offset into the lent buffer
+        if isinstance(addr, int):
+            req.sec_off = addr
+        else:
+            req.issue_err = EFAULT
+        return 0
+    if isinstance(addr, int):
+        req.issue_err = EFAULT  # SPEC R5: an int addr only means something in a secondary
+        return 0
+    req.issue_err = take_buffer(core, req, addr, n, req.opdef.buf_dir is _DEST)  # type: ignore[union-attr]
+    return 0
+
+
+def _prep_fixed(core: RingCore, req: Req, sqe: Sqe) -> int:
+    """READ_FIXED/WRITE_FIXED: ``addr`` is a byte offset into registered buffer ``buf_index``."""
+    err = resolve_fd(core, req, sqe.fd, req.flags)
+    if err:
+        return err
+    _no_driver(req, req.flags)
+    if req.issue_err:
+        return 0
+    if sqe.len < 0:
+        return EINVAL
+    req.nbytes = sqe.len
+    req.offset = sqe.off
+    req.rw_flags = int(sqe.rw_flags)
+    views = core.reg_views
+    idx, off = sqe.buf_index, sqe.addr
+    if not isinstance(off, int) or not 0 <= idx < len(views):
+        req.issue_err = EFAULT
+        return 0
+    base = views[idx]
+    if off < 0 or off > len(base) or sqe.len > len(base) - off:
+        req.issue_err = EFAULT
+        return 0
+    req.buf = base[off : off + sqe.len]
+    req.buf_index = idx
+    core.views += 1
+    return 0
+
+
+def _prep_send_zc(core: RingCore, req: Req, sqe: Sqe) -> int:
+    if req.flags & _F_SKIP:
+        return EINVAL  # the kernel does not support SKIP on SEND_ZC
+    return _prep_rw(core, req, sqe)
+
+
+def _file_only(core: RingCore, req: Req, sqe: Sqe) -> int:
+    err = resolve_fd(core, req, sqe.fd, req.flags)
+    if not err:
+        _no_driver(req, req.flags)
+    return err
+
+
+def _prep_fsync(core: RingCore, req: Req, sqe: Sqe) -> int:
+    if not isinstance(sqe.addr, int) or sqe.addr or sqe.buf_index:
+        return EINVAL
+    if sqe.rw_flags & ~IORING_FSYNC_DATASYNC:
+        return EINVAL
+    req.rw_flags = int(sqe.rw_flags)
+    return _file_only(core, req, sqe)
+
+
+def _prep_fallocate(core: RingCore, req: Req, sqe: Sqe) -> int:
+    # io_fallocate_prep: addr is the length, len the mode; no buffer, no flags.
+    if not isinstance(sqe.addr, int) or sqe.buf_index or sqe.rw_flags:
+        return EINVAL
+    req.offset = sqe.off
+    req.nbytes = sqe.addr
+    req.rw_flags = sqe.len
+    return _file_only(core, req, sqe)
+
+
+def _timeout_seconds(sqe: Sqe) -> float | None:
+    value = sqe.addr
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def _prep_timeout(core: RingCore, req: Req, sqe: Sqe) -> int:
+    if sqe.len != 1 or sqe.buf_index or sqe.off < 0:
+        return EINVAL
+    seconds = _timeout_seconds(sqe)
+    if seconds is None:
+        return EINVAL
+    req.seconds = seconds
+    req.offset = sqe.off
+    return 0
+
+
+def _prep_link_timeout(core: RingCore, req: Req, sqe: Sqe) -> int:
+    if sqe.len != 1 or sqe.off != 0 or sqe.buf_index:
+        return EINVAL
+    seconds = _timeout_seconds(sqe)
+    if seconds is None:
+        return EINVAL
+    req.seconds = seconds
+    return 0  # the position in a chain is checked by the link assembly
+
+
+def _prep_cancel(core: RingCore, req: Req, sqe: Sqe) -> int:
+    if not isinstance(sqe.addr, int) or sqe.rw_flags & ~IORING_ASYNC_CANCEL_ALL:
+        return EINVAL
+    req.target = sqe.addr
+    req.rw_flags = int(sqe.rw_flags)
+    return 0
+
+
+def _prep_command(core: RingCore, req: Req, sqe: Sqe, fused: bool) -> int:
+    err = resolve_fd(core, req, sqe.fd, req.flags)
+    cmd = sqe.cmd
+    core.init_command(req, int(sqe.cmd_op), cmd if type(cmd) is bytes else bytes(cmd), fused)
+    return err
+
+
+def _prep_uring_cmd(core: RingCore, req: Req, sqe: Sqe) -> int:
+    if sqe.pad1 or sqe.uring_cmd_flags & ~_CMD_FIXED or len(sqe.cmd) > MAX_CMD_BYTES:
+        core.init_command(req, 0, b"", False)
+        return EINVAL
+    return _prep_command(core, req, sqe, False)
+
+
+def _prep_fused(core: RingCore, req: Req, sqe: Sqe) -> int:
+    # SPEC F1, F2 (F3-F5 need the secondaries: RingCore.take_secondaries).
+    if (
+        not core.fused_ok
+        or sqe.pad1
+        or sqe.uring_cmd_flags != _CMD_FUSED_BUF
+        or len(sqe.cmd) > MAX_CMD_BYTES
+    ):
+        core.init_command(req, 0, b"", True)
+        return EINVAL
+    return _prep_command(core, req, sqe, True)
+
+
+_K = UringEnc
+_RW_DEST = _K.KERNEL | _K.BUF | _K.DEST
+_RW_SRC = _K.KERNEL | _K.BUF
+
+
+def _io(op: Op, prep: Prep, buf_dir: BufDir, uring: UringEnc, *, secondary: bool) -> OpDef:
+    """A leaf I/O op run by a backend (READ/WRITE/SEND/RECV and their variants)."""
+    return OpDef(
+        op,
+        prep,
+        Issue.IO,
+        needs_file=True,
+        fused_secondary=secondary,
+        buf_dir=buf_dir,
+        ioprio=True,
+        short_fails=op in (Op.READ, Op.WRITE, Op.READ_FIXED, Op.WRITE_FIXED),
+        uring=uring,
+        asyncio=op not in (Op.READ_FIXED, Op.WRITE_FIXED),
+    )
+
+
+OPDEFS: dict[int, OpDef] = {
+    Op.NOP: OpDef(Op.NOP, _prep_nop, Issue.NOP),
+    Op.READ: _io(Op.READ, _prep_rw, _DEST, _RW_DEST | _K.OFFSET, secondary=True),
+    Op.WRITE: _io(Op.WRITE, _prep_rw, _SRC, _RW_SRC | _K.OFFSET, secondary=True),
+    Op.READ_FIXED: _io(
+        Op.READ_FIXED, _prep_fixed, _DEST, _RW_DEST | _K.OFFSET | _K.FIXED, secondary=False
+    ),
+    Op.WRITE_FIXED: _io(
+        Op.WRITE_FIXED, _prep_fixed, _SRC, _RW_SRC | _K.OFFSET | _K.FIXED, secondary=False
+    ),
+    Op.SEND: _io(Op.SEND, _prep_rw, _SRC, _RW_SRC, secondary=True),
+    Op.RECV: _io(Op.RECV, _prep_rw, _DEST, _RW_DEST, secondary=True),
+    Op.SEND_ZC: _io(Op.SEND_ZC, _prep_send_zc, _SRC, _RW_SRC | _K.ZC, secondary=True),
+    Op.FSYNC: OpDef(
+        Op.FSYNC, _prep_fsync, Issue.IO, needs_file=True, uring=_K.KERNEL, asyncio=True
+    ),
+    Op.FALLOCATE: OpDef(
+        Op.FALLOCATE,
+        _prep_fallocate,
+        Issue.IO,
+        needs_file=True,
+        uring=_K.KERNEL | _K.OFFSET | _K.FALLOC,
+        asyncio=True,
+    ),
+    Op.TIMEOUT: OpDef(Op.TIMEOUT, _prep_timeout, Issue.TIMEOUT),
+    Op.LINK_TIMEOUT: OpDef(Op.LINK_TIMEOUT, _prep_link_timeout, Issue.LINK_TIMEOUT),
+    Op.ASYNC_CANCEL: OpDef(Op.ASYNC_CANCEL, _prep_cancel, Issue.CANCEL),
+    Op.URING_CMD: OpDef(Op.URING_CMD, _prep_uring_cmd, Issue.COMMAND, needs_file=True),
+    Op.FUSED_CMD: OpDef(
+        Op.FUSED_CMD, _prep_fused, Issue.COMMAND, needs_file=True, buffer_select_err=EINVAL
+    ),
+}
+"""Opcodes without an entry (READV, ...) are -EINVAL at init."""
+
+
+def _check_table() -> None:
+    for op, d in OPDEFS.items():
+        if d.op != op:
+            raise AssertionError(f"OPDEFS[{op!r}] describes {d.op!r}")
+        if d.fused_secondary and d.buf_dir is None:
+            raise AssertionError(f"{op!r} is a fused secondary without a buf_dir")
+        if d.backend and not d.needs_file:
+            raise AssertionError(f"{op!r} runs on a backend but needs no file")
+        if d.backend != bool(d.uring & UringEnc.KERNEL):
+            raise AssertionError(f"{op!r}: a backend op needs a uring encoding, and only it")
+        if d.asyncio and not d.backend:
+            raise AssertionError(f"{op!r}: only backend ops run on the asyncio backend")
+        if bool(d.uring & UringEnc.DEST) != (d.buf_dir is _DEST):
+            raise AssertionError(f"{op!r}: the uring DEST bit disagrees with buf_dir")
+
+
+_check_table()

@@ -1,0 +1,51 @@
+"""The port: the effects the pure core asks its runtime to carry out.
+
+The core changes its own state first and then makes one port call per effect (httpcore's
+rule: mutate, then do the I/O), passing records and plain ints only, so an effect
+allocates nothing.  The runtime (:class:`aiofused.Ring`) is the real port; core tests
+use a recording one and feed completions back by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aiofused._core.records import Req
+
+__all__ = ["Port"]
+
+
+class Port(Protocol):
+    """What the core needs from the world."""
+
+    def start_io(self, req: Req) -> None:
+        """Begin leaf op ``req`` on a backend; report with ``core.io_done(req, res, flags)``
+        later, never from inside this call."""
+
+    def cancel_io(self, req: Req, on_result: Callable[[int], None]) -> None:
+        """Ask the backend to cancel ``req``; ``on_result`` gets 0, -EALREADY or -ENOENT."""
+
+    def call_driver(self, req: Req, issue_flags: int) -> int:
+        """Run ``req.driver.uring_cmd(req, issue_flags)``; a driver that raises gives -EIO."""
+
+    def task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run ``fn(arg)`` soon, outside the current call stack (``loop.call_soon``)."""
+
+    def arm_timer(self, seconds: float, fn: Callable[[Req], None], req: Req) -> object:
+        """Call ``fn(req)`` after ``seconds``; return a handle for :meth:`disarm_timer`."""
+
+    def disarm_timer(self, handle: object) -> None:
+        """Cancel a timer armed by :meth:`arm_timer` (it may have fired already)."""
+
+    def wake(self) -> None:
+        """CQEs were posted while someone waits for them."""
+
+    def idle(self) -> None:
+        """Nothing is in flight any more (close() waits for this)."""
+
+    def fd_is_open(self, fd: int) -> bool:
+        """Whether ``fd`` is an open descriptor (SPEC F6: -EBADF otherwise)."""
+
+    def log_error(self, event: str, exc: bool = False, **fields: Any) -> None:
+        """Log an error (with the current exception's traceback if ``exc``)."""

@@ -1,0 +1,782 @@
+"""The pure ring core: SQ and CQ, request records, the link/drain/skip scheduler,
+timeout bookkeeping and the fused lifecycle.  It imports no asyncio, os or ctypes.
+
+Theory of operation
+-------------------
+``submit()`` reads SQEs in order and copies each into a :class:`~.records.Req` taken
+from the free list, runs the generic init checks and the op's ``prep`` (SPEC R3), and
+assembles link chains exactly as ``io_submit_sqe``/``io_submit_fail_init`` do (SPEC
+L1-L5): an init error inside a chain fails the whole chain once it ends; an init error
+that ends a chain, or a standalone one, stops consumption.  A FUSED_CMD consumes its
+secondaries right after itself (SPEC F3-F5); they hang off the primary, never in a chain.
+
+A *unit* is one chain (or a standalone request).  Units are released in order through
+the drain queue (SPEC L5); ``live`` counts the requests of released units that have not
+finally completed.  Issuing goes through a work list (``_ready``) so that requests
+completing at once (NOP, errors) never recurse.
+
+Every request ends in exactly one :meth:`RingCore.finish` (SEND_ZC: its result, then
+its NOTIF): the CQE is posted (or hidden by CQE_SKIP_SUCCESS, or by a failed SKIP
+request ahead in its chain, SPEC L4), the chain advances or is failed (SPEC L2), and the
+record is released: its buffer view let go, its references dropped, the record back on
+the free list.  Nothing a request holds is dropped before that point, whatever happens
+to the Python task that submitted it (SPEC F13).  A record is reused only when nothing
+but the free list refers to it, so a driver that keeps a finished command never sees it
+come back as another request.
+
+Effects (start this I/O, cancel that, call a driver, task work, timers, wake waiters)
+go out through :attr:`RingCore.port` after the core has updated its own state.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiofused._abi import (
+    EALREADY,
+    EBADF,
+    ECANCELED,
+    EINVAL,
+    EIO,
+    ENOENT,
+    EOPNOTSUPP,
+    ETIME,
+    IORING_ASYNC_CANCEL_ALL,
+    SQE_VALID_FLAGS,
+    CqeFlag,
+    Feature,
+    Op,
+    SetupFlag,
+    SqeFlag,
+)
+from aiofused._core.fused import FusedCommands
+from aiofused._core.opdef import OPDEFS, Issue, OpDef, UringEnc, resolve_fd
+from aiofused._core.records import REQ_EDGES, Req, ReqInput, ReqState
+from aiofused._core.sqe import Cqe, Sqe
+from aiofused._errors import RingClosedError
+
+if TYPE_CHECKING:
+    from aiofused._core.port import Port
+
+__all__ = ["MAX_ENTRIES", "RingCore"]
+
+MAX_ENTRIES = 32768
+
+# Plain ints on the hot path (IntFlag arithmetic allocates enum members).
+_F_DRAIN = int(SqeFlag.IO_DRAIN)
+_F_HARDLINK = int(SqeFlag.IO_HARDLINK)
+_F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
+_F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
+_LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
+#: Flags whose presence needs the generic init checks.
+_CHECKED_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
+_CQE_MORE = int(CqeFlag.MORE)
+_CQE_NOTIF = int(CqeFlag.NOTIF)
+_OP_NOP = int(Op.NOP)
+_OP_FUSED_CMD = int(Op.FUSED_CMD)
+_OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
+_OP_TIMEOUT = int(Op.TIMEOUT)
+_OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
+_UNFIXED = {int(Op.READ_FIXED): Op.READ, int(Op.WRITE_FIXED): Op.WRITE}
+_MSG_WAITALL = 0x100
+
+_S = ReqState
+_FREE, _PREPARED, _INFLIGHT, _NOTIF, _DONE = _S.FREE, _S.PREPARED, _S.INFLIGHT, _S.NOTIF, _S.DONE
+_I = ReqInput
+_CONSUME, _ISSUE, _FAIL, _COMPLETE = _I.CONSUME, _I.ISSUE, _I.FAIL, _I.COMPLETE
+_RESULT, _NOTIF_IN, _RECYCLE = _I.RESULT, _I.NOTIF, _I.RECYCLE
+_ISSUE_IO, _ISSUE_NOP, _ISSUE_CMD = Issue.IO, Issue.NOP, Issue.COMMAND
+_ISSUE_TIMEOUT, _ISSUE_CANCEL = Issue.TIMEOUT, Issue.CANCEL
+_ZC = UringEnc.ZC
+_opdefs_get = OPDEFS.get
+_tuple_new = tuple.__new__
+_refcount = sys.getrefcount
+
+
+def _ignore(res: int) -> None:
+    pass
+
+
+def _failed(req: Req, res: int) -> bool:
+    """Whether ``res`` counts as a failure for links (SPEC L2)."""
+    if res < 0:
+        return True
+    opdef = req.opdef
+    if opdef is None:
+        return False
+    if opdef.short_fails:
+        return res != req.nbytes
+    return opdef.issue is _ISSUE_IO and bool(req.rw_flags & _MSG_WAITALL) and res < req.nbytes
+
+
+class RingCore(FusedCommands):
+    """The ring's state machine; :class:`aiofused.Ring` is its runtime (and its port)."""
+
+    def __init__(
+        self, entries: int, flags: int, port: Port, *, cq_entries: int | None = None
+    ) -> None:
+        if entries <= 0 or entries > MAX_ENTRIES:
+            raise ValueError(f"entries must be in 1..{MAX_ENTRIES}, got {entries}")
+        self.sq_entries = 1 << (entries - 1).bit_length()
+        cq = cq_entries if cq_entries is not None else 2 * self.sq_entries
+        if cq < self.sq_entries:
+            raise ValueError("cq_entries must be at least the SQ size")
+        self.cq_entries = 1 << (cq - 1).bit_length()
+        self.flags = SetupFlag(flags)
+        self.features = Feature.NODROP | Feature.SUBMIT_STABLE | Feature.CQE_SKIP
+        self.fused_ok = bool(self.flags & SetupFlag.FUSED_REQ)
+        if self.fused_ok:
+            self.features |= Feature.FUSED_REQ
+        self.port = port
+        self.id = id(self)
+        # SQ: a fixed array of slots handed out in turn; ``_sq`` holds the pending ones.
+        self._slots = [Sqe() for _ in range(self.sq_entries)]
+        self._sq_mask = self.sq_entries - 1
+        self._sq_next = 0
+        self._sq: list[Sqe] = []
+        self.cq: collections.deque[Cqe] = collections.deque()
+        self.cq_overflow = 0
+        #: Set by the runtime while a task waits for CQEs (``port.wake`` is called then).
+        self.waiting = False
+        self._files: list[Any] = []
+        #: Registered buffers (READ_FIXED/WRITE_FIXED), the pool they came from, and
+        #: whether the kernel backend has them registered too.
+        self.reg_views: list[memoryview] = []
+        self.reg_pool: object = None
+        self.reg_kernel = False
+        self._inflight: dict[Req, None] = {}
+        self._ready: collections.deque[Req] = collections.deque()
+        self._issuing = False
+        self.live = 0
+        self._deferred: collections.deque[tuple[list[Req], int, bool]] = collections.deque()
+        self._barrier = False
+        self._skip_seen = False
+        self._cqe_seq = 0
+        self._count_timeouts: list[tuple[int, int, Req]] = []
+        self._tseq = itertools.count()
+        self._free: list[Req] = []
+        #: Memoryviews the core made and has not released; buffers lent right now.
+        self.views = 0
+        self.lent = 0
+        self.closing = False
+
+    # ---- SQ ----------------------------------------------------------------------------
+
+    def get_sqe(self) -> Sqe | None:
+        """Return the next SQE slot, or None when the SQ is full."""
+        if self.closing:
+            raise RingClosedError("ring is closed")
+        sq = self._sq
+        if len(sq) >= self.sq_entries:
+            return None
+        sqe = self._slots[self._sq_next & self._sq_mask]
+        self._sq_next += 1
+        sqe._reset()
+        sq.append(sqe)
+        return sqe
+
+    def sq_ready(self) -> int:
+        """Number of SQEs waiting for :meth:`submit`."""
+        return len(self._sq)
+
+    def submit(self) -> int:
+        """Consume the SQ in order; return how many SQEs were consumed (SPEC R2, R4)."""
+        if self.closing:
+            raise RingClosedError("ring is closed")
+        sq = self._sq
+        n = len(sq)
+        i = 0
+        chain: list[Req] | None = None
+        chain_failed = False
+        while i < n:
+            sqe = sq[i]
+            i += 1
+            if (
+                sqe.opcode == _OP_NOP
+                and chain is None
+                and not sqe.flags
+                and not sqe.ioprio
+                and not (self._deferred or self._barrier or self._issuing)
+            ):
+                # A plain standalone NOP: nothing to check or track, its CQE at once.
+                self._post_cqe(sqe.user_data, 0, 0)
+                continue
+            req = self._consume(sqe)
+            if req.command and req.is_fused:
+                i = self.take_secondaries(req, sq, i, n, int(sqe.nr_secondary))
+            linked = req.flags & _LINK_FLAGS
+            if chain is None:
+                if req.opcode == _OP_LINK_TIMEOUT and not req.err:
+                    req.err = EINVAL  # a LINK_TIMEOUT must follow a linked request
+                if linked:
+                    chain, chain_failed = [req], bool(req.err)
+                elif req.err:
+                    self._fail_unit([req])
+                    break  # SPEC R4
+                else:
+                    self._start_single(req)
+                continue
+            if (
+                req.opcode == _OP_LINK_TIMEOUT
+                and not req.err
+                and chain[-1].opcode == _OP_LINK_TIMEOUT
+            ):
+                req.err = EINVAL
+            chain.append(req)
+            chain_failed = chain_failed or bool(req.err)
+            if linked:
+                continue
+            unit, chain = chain, None
+            if chain_failed:
+                self._fail_unit(unit)
+                if req.err:
+                    break  # the kernel stops only if the failing SQE ends the chain
+            else:
+                self._start_unit(unit)
+        if chain is not None:  # SPEC L1: the last SQE ends the chain
+            if chain_failed:
+                self._fail_unit(chain)
+            else:
+                self._start_unit(chain)
+        del sq[:i]
+        return i
+
+    # ---- CQ ----------------------------------------------------------------------------
+
+    def peek_cqe(self) -> Cqe | None:
+        """Return the first CQE without consuming it, or None."""
+        cq = self.cq
+        return cq[0] if cq else None
+
+    def cqe_seen(self, cqe: Cqe) -> None:
+        """Consume ``cqe`` (normally the one ``wait_cqe``/``peek_cqe`` returned)."""
+        cq = self.cq
+        if cq and cq[0] is cqe:
+            cq.popleft()
+            return
+        try:
+            cq.remove(cqe)
+        except ValueError:
+            raise ValueError("CQE is not in the completion queue") from None
+
+    def cq_ready(self) -> int:
+        """Number of CQEs waiting to be consumed."""
+        return len(self.cq)
+
+    def in_flight(self) -> int:
+        """Requests consumed and not yet finally completed."""
+        return self.live + sum(n for _, n, _ in self._deferred)
+
+    # ---- drivers -----------------------------------------------------------------------
+
+    def add_file(self, driver: Any) -> int:
+        """Put ``driver`` in the fixed-file table; return its slot."""
+        self._files.append(driver)
+        return len(self._files) - 1
+
+    def remove_file(self, index: int) -> None:
+        """Empty slot ``index``: later SQEs naming it fail with -EBADF."""
+        if 0 <= index < len(self._files):
+            self._files[index] = None
+
+    def fixed_driver(self, index: int) -> Any:
+        """The driver in fixed-file slot ``index``, or None."""
+        if 0 <= index < len(self._files):
+            return self._files[index]
+        return None
+
+    # ---- private requests (the high-level API) ---------------------------------------
+
+    def private_primary(
+        self,
+        driver_file: Any,
+        cmd_op: int,
+        cmd: bytes,
+        buf_dir: Any,
+        on_cqe: Callable[[int, int], None],
+    ) -> Req:
+        """A FUSED_CMD primary whose CQE goes to ``on_cqe``, open for more secondaries."""
+        if self.closing:
+            raise RingClosedError("ring is closed")
+        req = self._take()
+        self._init(req, 0, int(Op.FUSED_CMD), 0, OPDEFS[Op.FUSED_CMD])
+        req.on_cqe = on_cqe
+        self.init_command(req, cmd_op, cmd, True)
+        if not self.fused_ok or len(cmd) > 80:
+            req.err = EINVAL
+        resolve_fd(self, req, driver_file, 0)
+        req.sealed = False
+        req.buf_dir = buf_dir
+        return req
+
+    def start_private(self, req: Req) -> None:
+        """Submit a private primary as a standalone unit."""
+        if req.err:
+            self._fail_unit([req])
+        else:
+            self._start_unit([req])
+
+    def private_secondary(
+        self,
+        op: Op,
+        fd: Any,
+        at: int,
+        nbytes: int,
+        offset: int,
+        flags: int,
+        on_cqe: Callable[[int, int], None],
+    ) -> Req:
+        """A secondary for an open primary; its CQE goes to ``on_cqe``."""
+        s = self._take()
+        self._init(s, 0, int(op), 0, OPDEFS[op])
+        s.on_cqe = on_cqe
+        err = resolve_fd(self, s, fd, 0)
+        if err or s.driver is not None:
+            s.issue_err = err or EINVAL
+        elif nbytes < 0 or at < 0:
+            s.issue_err = EINVAL
+        s.sec_off = at
+        s.nbytes = nbytes
+        s.offset = offset
+        s.rw_flags = flags if type(flags) is int else int(flags)  # socket.MSG_* are IntFlags
+        return s
+
+    def cancel(self, req: Req, on_result: Callable[[int], None]) -> None:
+        """Request cancellation of ``req`` (a private request)."""
+        self.cancel_req(req, on_result)
+
+    # ---- init --------------------------------------------------------------------------
+
+    def _take(self) -> Req:
+        """A free record: one only the free list refers to, or a new one."""
+        free = self._free
+        while free:
+            req = free.pop()
+            if _refcount(req) == 2:  # this local and the call's argument: nobody else
+                return req
+        return Req(self)
+
+    @staticmethod
+    def _init(req: Req, user_data: int, opcode: int, flags: int, opdef: OpDef | None) -> None:
+        req.state = REQ_EDGES[req.state + _CONSUME]
+        req.user_data = user_data
+        req.opcode = opdef.op if opdef is not None else opcode  # type: ignore[assignment]
+        req.flags = flags
+        req.opdef = opdef
+        req.res = 0
+        req.err = 0
+        req.issue_err = 0
+        req.buf_index = -1
+        req.sec_index = -1
+        req.fired = False
+        req.command = False
+
+    def _consume(self, sqe: Sqe) -> Req:
+        """Copy ``sqe`` into a record and run its init checks (SPEC R3)."""
+        req = self._take()
+        flags = sqe.flags
+        if type(flags) is not int:  # user code may have made it an IntFlag
+            flags = int(flags)
+        opdef = _opdefs_get(sqe.opcode)
+        self._init(req, sqe.user_data, sqe.opcode, flags, opdef)
+        if opdef is None:
+            req.err = EINVAL
+        elif flags & _CHECKED_FLAGS or sqe.ioprio:
+            req.err = self._generic_init(req, sqe, opdef) or opdef.prep(self, req, sqe)
+        else:
+            req.err = opdef.prep(self, req, sqe)
+        if req.err and opdef is not None and opdef.issue is _ISSUE_CMD and not req.command:
+            self.init_command(req, 0, b"", opdef.op is Op.FUSED_CMD)
+        sqe.fd = -1  # the slot keeps no reference to the caller's objects
+        sqe.addr = 0
+        return req
+
+    def consume_secondary(self, sqe: Sqe, p: Req, index: int) -> Req:
+        """Consume secondary ``index`` of primary ``p`` (validated by take_secondaries)."""
+        s = self._take()
+        flags = int(sqe.flags)
+        opdef = _opdefs_get(sqe.opcode)
+        self._init(s, int(sqe.user_data), int(sqe.opcode), flags, opdef)
+        s.primary = p
+        s.sec_index = index
+        if opdef is None:
+            s.err = EINVAL
+        elif not p.err:
+            s.err = self._generic_init(s, sqe, opdef) or opdef.prep(self, s, sqe)
+        sqe.fd = -1
+        sqe.addr = 0
+        return s
+
+    def _generic_init(self, req: Req, sqe: Sqe, opdef: OpDef) -> int:
+        flags = req.flags
+        if flags & ~SQE_VALID_FLAGS:
+            return EINVAL
+        if flags & _F_SKIP:
+            self._skip_seen = True
+        if flags & _F_DRAIN and self._skip_seen:
+            return EOPNOTSUPP
+        if sqe.ioprio and not opdef.ioprio:
+            return EINVAL
+        if flags & _F_BUFSEL:
+            return opdef.buffer_select_err
+        return 0
+
+    # ---- units, drain ------------------------------------------------------------------
+
+    @staticmethod
+    def _link_unit(reqs: list[Req]) -> int:
+        """Wire ``link``/``lt`` pointers; return the number of requests (with secondaries)."""
+        prev: Req | None = None
+        count = 0
+        for r in reqs:
+            count += 1 + len(r.secondaries) if r.command else 1
+            if r.opcode == _OP_LINK_TIMEOUT and prev is not None and r.lt_target is None:
+                prev.lt = r
+                r.lt_target = prev
+                continue
+            if prev is not None:
+                prev.link = r
+            prev = r
+        return count
+
+    def _start_single(self, req: Req) -> None:
+        drain = req.flags & _F_DRAIN
+        if self._deferred or self._barrier or (drain and self.live):
+            self._start_unit([req])
+            return
+        self.live += 1 + len(req.secondaries) if req.command else 1
+        if drain:
+            self._barrier = True
+        self.issue(req)
+
+    def _start_unit(self, reqs: list[Req]) -> None:
+        count = self._link_unit(reqs)
+        drain = any(r.flags & _F_DRAIN for r in reqs)
+        if self._deferred or self._barrier or (drain and self.live):
+            self._deferred.append((reqs, count, drain))
+            return
+        self._release_unit(reqs, count, drain)
+
+    def _release_unit(self, reqs: list[Req], count: int, drain: bool) -> None:
+        self.live += count
+        if drain:
+            self._barrier = True
+        self.issue(reqs[0])
+
+    def _release_deferred(self) -> None:
+        while self._deferred and not self._barrier:
+            reqs, count, drain = self._deferred[0]
+            if drain and self.live:
+                return
+            self._deferred.popleft()
+            self._release_unit(reqs, count, drain)
+
+    def _fail_unit(self, reqs: list[Req]) -> None:
+        """A chain (or standalone request) with an init error (SPEC L3, F-rules)."""
+        self.live += self._link_unit(reqs)
+        self._fail_chain_not_issued(reqs[0], ECANCELED)
+
+    def _fail_chain_not_issued(self, head: Req, head_res: int) -> None:
+        """Complete a chain that never started: its head, then (through the links) the
+        rest.  A submission failure severs even an IO_HARDLINK (io_queue_sqe_fallback)."""
+        head.err = head.err or head_res
+        if head.command:
+            self.fail_unissued_command(head, head.err)
+        else:
+            self.finish(head, head.err, _FAIL)
+
+    # ---- issue -------------------------------------------------------------------------
+
+    def issue(self, req: Req) -> None:
+        """Start ``req`` now, or after the request being started (no recursion)."""
+        if self._issuing:
+            self._ready.append(req)
+            return
+        self._issuing = True
+        try:
+            self._issue_one(req)
+            ready = self._ready
+            while ready:
+                self._issue_one(ready.popleft())
+        finally:
+            self._issuing = False
+
+    def _issue_one(self, req: Req) -> None:
+        if req.state is not _PREPARED:
+            return  # completed meanwhile (a chain failed under it)
+        if self.closing and req.primary is None:
+            req.err = ECANCELED
+            if req.command:
+                self.fail_unissued_command(req, ECANCELED)
+            else:
+                self.finish(req, ECANCELED, _FAIL)
+            return
+        req.state = REQ_EDGES[req.state + _ISSUE]
+        self._inflight[req] = None
+        lt = req.lt
+        if lt is not None:
+            lt.state = REQ_EDGES[lt.state + _ISSUE]
+            self._inflight[lt] = None
+            lt.timer = self.port.arm_timer(lt.seconds, self._link_timeout_fired, lt)
+        kind = req.opdef.issue  # type: ignore[union-attr]
+        try:
+            if kind is _ISSUE_IO:
+                if req.issue_err:
+                    self.finish(req, req.issue_err, _COMPLETE)
+                elif req.fd < 0:
+                    self.finish(req, EBADF, _COMPLETE)
+                else:
+                    if not self.reg_kernel and req.opcode in _UNFIXED:
+                        req.opcode = _UNFIXED[req.opcode]  # same bytes, plain form
+                    self.port.start_io(req)
+            elif kind is _ISSUE_NOP:
+                self.finish(req, 0, _COMPLETE)
+            elif kind is _ISSUE_CMD:
+                self.issue_command(req)
+            elif kind is _ISSUE_TIMEOUT:
+                self._arm_timeout(req)
+            elif kind is _ISSUE_CANCEL:
+                self._async_cancel(req)
+            else:
+                raise AssertionError("a LINK_TIMEOUT is armed with its target, never issued")
+        except Exception:
+            self.port.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
+            if req.state is _INFLIGHT:
+                self.finish(req, EIO, _COMPLETE)
+
+    def io_done(self, req: Req, res: int, flags: int) -> None:
+        """A backend's completion of leaf op ``req`` (SEND_ZC: twice, MORE then NOTIF)."""
+        if not flags:
+            self.finish(req, res, _COMPLETE)
+        elif flags & _CQE_NOTIF:
+            if req.state is _NOTIF:
+                req.state = REQ_EDGES[req.state + _NOTIF_IN]
+                self._post(req, 0, _CQE_NOTIF)
+                self._release(req)
+        elif req.opdef is not None and req.opdef.uring & _ZC:
+            self.finish(req, res, _RESULT, _CQE_MORE)
+        else:
+            self.finish(req, res, _COMPLETE, flags)
+
+    # ---- timeouts and cancellation -----------------------------------------------------
+
+    def _arm_timeout(self, req: Req) -> None:
+        req.timer = self.port.arm_timer(req.seconds, self._timeout_fired, req)
+        if req.offset:
+            target = self._cqe_seq + req.offset
+            heapq.heappush(self._count_timeouts, (target, next(self._tseq), req))
+
+    def _timeout_fired(self, req: Req) -> None:
+        req.timer = None
+        if req.state is _INFLIGHT:
+            self.finish(req, ETIME, _COMPLETE)
+
+    def _link_timeout_fired(self, lt: Req) -> None:
+        lt.timer = None
+        target = lt.lt_target
+        if lt.state is not _INFLIGHT or target is None or target.state is not _INFLIGHT:
+            return
+        lt.fired = True  # the cancel's answer completes it, not the target's completion
+
+        def cancelled(res: int) -> None:
+            if lt.state is _INFLIGHT:
+                self.finish(lt, res or ETIME, _COMPLETE)
+
+        self.cancel_req(target, cancelled)
+
+    def _disarm_link_timeout(self, req: Req) -> None:
+        lt = req.lt
+        req.lt = None
+        if lt is None or lt.state is _DONE or lt.state is _FREE or lt.fired:
+            return
+        self.finish(lt, ECANCELED, _COMPLETE if lt.state is _INFLIGHT else _FAIL)
+
+    def _async_cancel(self, req: Req) -> None:
+        key = req.target
+        targets = [
+            r
+            for r in self._inflight
+            if r.user_data == key
+            and r is not req
+            and r.state is _INFLIGHT
+            and r.on_cqe is None
+            and r.opcode != _OP_ASYNC_CANCEL
+            and r.opcode != _OP_LINK_TIMEOUT
+        ]
+        if not targets:
+            self.finish(req, ENOENT, _COMPLETE)
+            return
+        every = req.rw_flags & IORING_ASYNC_CANCEL_ALL
+        if not every:
+            targets = targets[:1]
+        pending = len(targets)
+        results: list[int] = []
+
+        def one(res: int) -> None:
+            nonlocal pending
+            results.append(res)
+            pending -= 1
+            if pending == 0 and req.state is _INFLIGHT:
+                ok = sum(1 for r in results if r == 0) if every else 0
+                self.finish(req, ok if ok else results[0], _COMPLETE)
+
+        for t in targets:
+            self.cancel_req(t, one)
+
+    def cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None:
+        """Request cancellation of an issued request; ``on_result`` gets 0/-EALREADY/-ENOENT."""
+        if req.state is not _INFLIGHT:
+            on_result(ENOENT)
+        elif req.command:
+            self.cancel_command(req, on_result)
+        elif req.opcode == _OP_TIMEOUT:
+            self.finish(req, ECANCELED, _COMPLETE)
+            on_result(0)
+        elif req.backend is not None and req.handle is not None:
+            self.port.cancel_io(req, on_result)
+        else:
+            on_result(EALREADY)
+
+    def drop_free_records(self) -> None:
+        """Forget the free list (a closed ring: records and ring then free by refcount)."""
+        self._free.clear()
+
+    def cancel_all(self) -> None:
+        """Closing: fail what waits for its turn, cancel everything in flight (SPEC F12)."""
+        self.closing = True
+        self._sq.clear()
+        while self._deferred:
+            reqs, count, _ = self._deferred.popleft()
+            self.live += count
+            self._fail_chain_not_issued(reqs[0], ECANCELED)
+        for req in list(self._inflight):
+            if req.state is _INFLIGHT and req.opcode not in (_OP_ASYNC_CANCEL, _OP_LINK_TIMEOUT):
+                self.cancel_req(req, _ignore)
+
+    # ---- completion --------------------------------------------------------------------
+
+    def _post(self, req: Req, res: int, flags: int) -> None:
+        on_cqe = req.on_cqe
+        if on_cqe is not None:
+            on_cqe(res, flags)
+        elif req.opcode != _OP_TIMEOUT:
+            self._post_cqe(req.user_data, res, flags)
+        else:  # a TIMEOUT's own CQE does not count for other timeouts
+            cq = self.cq
+            cq.append(_tuple_new(Cqe, (req.user_data, res, flags)))
+            if len(cq) > self.cq_entries:
+                self.cq_overflow += 1
+            if self.waiting:
+                self.port.wake()
+
+    def _post_cqe(self, user_data: int, res: int, flags: int) -> None:
+        cq = self.cq
+        cq.append(_tuple_new(Cqe, (user_data, res, flags)))  # Cqe(...) without its __new__
+        if len(cq) > self.cq_entries:
+            self.cq_overflow += 1
+        self._cqe_seq += 1
+        if self._count_timeouts:
+            self._flush_count_timeouts()
+        if self.waiting:
+            self.port.wake()
+
+    def _flush_count_timeouts(self) -> None:
+        heap = self._count_timeouts
+        while heap and heap[0][0] <= self._cqe_seq:
+            t = heapq.heappop(heap)[2]
+            if t.state is _INFLIGHT:
+                self.finish(t, 0, _COMPLETE)
+
+    def finish(
+        self, req: Req, res: int, inp: ReqInput, flags: int = 0, drop_cqe: bool = False
+    ) -> None:
+        """The final completion: CQE, chain, release (SEND_ZC's RESULT: all but release)."""
+        req.state = REQ_EDGES[req.state + inp]
+        req.res = res
+        timer = req.timer
+        if timer is not None:
+            req.timer = None
+            self.port.disarm_timer(timer)
+        skip = req.flags & _F_SKIP
+        failed = res < 0 or _failed(req, res)
+        if not drop_cqe and (not skip or failed):
+            self._post(req, res, flags)
+        if req.lt is not None:
+            self._disarm_link_timeout(req)
+        nxt = req.link
+        if nxt is not None:
+            req.link = None
+            if failed and not (req.flags & _F_HARDLINK and not req.err):
+                self._fail_links(nxt, bool(skip) or drop_cqe)
+            else:
+                self.issue(nxt)
+        if inp is not _RESULT:
+            self._release(req)
+
+    def _fail_links(self, first: Req | None, drop_cqes: bool) -> None:
+        """Complete the unstarted rest of a chain with -ECANCELED (SPEC L2, L4)."""
+        m = first
+        while m is not None:
+            nxt = m.link
+            m.link = None
+            lt = m.lt
+            m.lt = None
+            self.fail_one(m, m.err or ECANCELED, drop_cqes)
+            if lt is not None:
+                self.fail_one(lt, lt.err or ECANCELED, drop_cqes)
+            m = nxt
+
+    def fail_one(self, m: Req, res: int, drop_cqe: bool) -> None:
+        """Complete ``m``, which never started, with ``res``."""
+        if m.state is not _PREPARED:
+            return
+        if m.command:
+            self.fail_unissued_command(m, res, drop_cqes=drop_cqe)
+        else:
+            self.finish(m, res, _FAIL, drop_cqe=drop_cqe)
+
+    def release_view(self, view: memoryview) -> bool:
+        """Release a view the core made; False (and an error log) if still exported."""
+        try:
+            view.release()
+        except BufferError:
+            self.port.log_error("view_still_exported", nbytes=view.nbytes)
+            return False
+        self.views -= 1
+        return True
+
+    def _release(self, req: Req) -> None:
+        """Drop what the request holds and put the record back on the free list."""
+        self._inflight.pop(req, None)
+        buf = req.buf
+        if buf is not None:
+            req.buf = None
+            self.release_view(buf)
+        req.file = req.handle = req.backend = req.on_cqe = req.driver = None
+        req.lt_target = None
+        self.live -= 1
+        if req.command:
+            req.callback = req.cancel_hook = req.on_lent = None
+            req._pdu = None
+            if req.secondaries:
+                req.secondaries.clear()
+        prim = req.primary
+        if prim is not None:
+            req.primary = None
+            self.secondary_released(prim, req)
+        req.state = REQ_EDGES[req.state + _RECYCLE]
+        self._free.append(req)
+        if self.live == 0 or self._deferred:
+            self._after_release()
+
+    def _after_release(self) -> None:
+        if self.live == 0:
+            self._barrier = False
+            self.port.idle()
+        if self._deferred and not self._barrier:
+            self._release_deferred()

@@ -1,0 +1,1 @@
+"""The runtime: the public ``Ring`` (loop, timers, backends, drivers) and the lease."""
