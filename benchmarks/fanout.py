@@ -13,7 +13,7 @@ N peers with SEND + ``MSG_WAITALL``, three ways, interleaved round by round:
 
 Every round is verified: each SEND moved the whole chunk, the primary's CQE came last,
 and every reader counted ``chunk`` more bytes.  The work is in
-``aiofused._fanout.compare_fanout`` (also used by ``aiofused demo``).
+``aiofused_drivers.demo.fanout.compare_fanout`` (also used by ``aiofused demo``).
 
 Printed: median ms per round (and min-max), fused time beyond D, chain/fused speed-up
 and fused/gather ratio, for N = 1, 4, 16, 64, each backend that works here and
@@ -39,8 +39,8 @@ import traceback
 
 from _common import available_backends, loop_factory
 
-from aiofused._fanout import FanoutResult, compare_fanout
-from aiofused._log import configure_logging
+from aiofused.driver import configure_logging
+from aiofused_drivers.demo.fanout import FanoutResult, compare_fanout
 
 LOOPS = ("uvloop", "asyncio")
 BACKENDS = ("uring", "asyncio")

@@ -305,8 +305,8 @@ def serve_aiofused(
     """The aiofused proxy in this process; with ``trace``, tracemalloc stats on SIGUSR1."""
     import tracemalloc
 
-    from aiofused._log import configure_logging
-    from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer
+    from aiofused.driver import configure_logging
+    from aiofused_drivers.relay.proxy import Endpoint, ProxyConfig, ProxyServer
 
     configure_logging("warning")
     cfg = ProxyConfig(

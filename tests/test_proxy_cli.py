@@ -299,7 +299,7 @@ async def test_example_proxy_relays_and_mirrors() -> None:
 async def test_demo_showcase_verifies_both_copies() -> None:
     import io
 
-    from aiofused._demo_proxy import run_proxy_showcase
+    from aiofused_drivers.demo.showcase import run_proxy_showcase
 
     out = io.StringIO()
     result = await run_proxy_showcase(16 * 1024 * 1024, mirrors=1, out=out)

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer
 from aiofused.backend import get_backend_class
+from aiofused_drivers.relay.proxy import Endpoint, ProxyConfig, ProxyServer
 
 # ---- harness -----------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ def _bar(label: str, done: int, total: int, width: int = 28) -> str:
 
 
 async def _demo_fanout(ns: Sequence[int], backend: str, rounds: int, quick: bool) -> list[Any]:
-    from aiofused._fanout import compare_fanout
+    from aiofused_drivers.demo.fanout import compare_fanout
 
     results = []
     out = sys.stdout
@@ -121,7 +121,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         await _demo_fanout(ns, args.backend, 2 if args.quick else 3, args.quick)
         if args.no_proxy:
             return
-        from aiofused._demo_proxy import run_proxy_showcase
+        from aiofused_drivers.demo.showcase import run_proxy_showcase
 
         size = args.size if args.size else (32 if args.quick else 256) * 1024 * 1024
         await run_proxy_showcase(size, mirrors=1, backend=args.backend)
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     try:
-        from aiofused._proxy import add_parser as add_proxy
+        from aiofused_drivers.relay.proxy import add_parser as add_proxy
     except ImportError:  # pragma: no cover - optional part
         pass
     else:

@@ -42,9 +42,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from aiofused import DriverFile, Ring
-from aiofused._abi import MAX_SECONDARY, SetupFlag, SqeFlag
-from aiofused._log import get_logger
+from aiofused import MAX_SECONDARY, DriverFile, Ring, SetupFlag, SqeFlag
+from aiofused.driver import get_logger
 
 __all__ = ["VARIANTS", "FanoutError", "FanoutResult", "ProgressCallback", "compare_fanout"]
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Per connection there are two *pumps*, client→upstream and upstream→client.  A pump
-is a loop of fused commands on the relay driver (``drivers/relay.py``)::
+is a loop of fused commands on the relay driver (:mod:`aiofused_drivers.relay`)::
 
     async with ring.fused(relay, RELAY_RECV, cmd=src.cmd, buf_dir=BufDir.SRC) as lease:
         send lease.buffer to the destination and, concurrently, to every live mirror
@@ -56,9 +56,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiofused import DriverFile, Ring
-from aiofused._abi import BufDir, SetupFlag
-from aiofused._log import configure_logging, get_logger
+from aiofused import BufDir, DriverFile, Ring, SetupFlag
+from aiofused.driver import configure_logging, get_logger
 from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
 
 __all__ = [
@@ -1094,7 +1093,7 @@ def _cli_proxy(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m aiofused._proxy ...``: the ``proxy`` subcommand on its own."""
+    """``python -m aiofused_drivers.relay.proxy ...``: the ``proxy`` subcommand on its own."""
     parser = argparse.ArgumentParser(prog="aiofused")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

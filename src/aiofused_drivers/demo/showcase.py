@@ -16,7 +16,7 @@ import time
 import tracemalloc
 from typing import Any, TextIO
 
-from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer
+from aiofused_drivers.relay.proxy import Endpoint, ProxyConfig, ProxyServer
 
 __all__ = ["run_proxy_showcase"]
 
@@ -219,7 +219,7 @@ async def run_proxy_showcase(
 
 
 if __name__ == "__main__":
-    from aiofused._log import configure_logging
+    from aiofused.driver import configure_logging
 
     configure_logging("warning")
     size = int(sys.argv[1]) * MiB if len(sys.argv) > 1 else 256 * MiB
