@@ -1,56 +1,58 @@
 """The ``aiofused`` command (also ``python -m aiofused``).
 
-Subcommands: ``info`` (version, loop, backends and why not, drivers), ``demo`` (the
-fused fan-out against a link chain, then the zero-copy proxy showcase), ``proxy``
-(the mirroring TCP proxy) and ``nbd serve`` (block devices over NBD).
+``aiofused info`` (version, loop, backends and why not, drivers) is the runtime's own.
+Every other subcommand comes from a plugin through the ``aiofused.commands``
+entry-point group (:data:`COMMANDS_ENTRY_POINT_GROUP`); the in-tree ones are ``demo``
+(the fused fan-out against a link chain, then the zero-copy proxy showcase), ``proxy``
+(the mirroring TCP proxy) and ``nbd serve`` (block devices over NBD)::
+
+    [project.entry-points."aiofused.commands"]
+    proxy = "aiofused_drivers.relay.proxy:add_parser"
+
+The contract of such an entry point:
+
+* Its name is the subcommand's name.  It loads a callable ``add_parser(subparsers)``
+  that registers that one subcommand on the argparse sub-parsers action it is given
+  (``subparsers.add_parser(name, help=...)``) and sets its handler with
+  ``set_defaults(func=handler)``; the return value is ignored (the in-tree hooks
+  return the new parser).
+* ``handler(args: argparse.Namespace) -> int`` returns the exit status.  The options
+  before the subcommand are in ``args`` too (``log_level``, ``log_format``), and
+  :func:`configure_logging` has been called with them before the handler runs.
+* Subcommands are added after ``info``, sorted by name (so ``aiofused --help``
+  lists them the same on every install); a name already taken (``info``, or the same
+  name from a distribution earlier on ``sys.path``) is skipped.
+* A plugin that fails to load or to register does not take the command down: its
+  subcommand is still listed, and running it prints why it is unavailable on stderr
+  and exits 1.
+
+The runtime imports no plugin: this module only knows the group.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 from aiofused import __version__
-from aiofused._log import configure_logging
+from aiofused._loop import loop_name, run_on_loop
+from aiofused.driver import configure_logging
 
-__all__ = ["main", "run_on_loop"]
+__all__ = ["COMMANDS_ENTRY_POINT_GROUP", "build_parser", "main", "run_on_loop"]
 
-T = TypeVar("T")
-
-
-def loop_name(kind: str = "auto") -> str:
-    """The loop ``kind`` resolves to: ``"uvloop"`` when asked for (or auto and installed)."""
-    if kind == "asyncio":
-        return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        if kind == "uvloop":
-            raise SystemExit("uvloop is not installed") from None
-        return "asyncio"
-    return "uvloop"
-
-
-def run_on_loop(coro: Coroutine[Any, Any, T], kind: str = "auto") -> T:
-    """Run ``coro`` on uvloop when installed (or asked for), else the default loop."""
-    if loop_name(kind) == "uvloop":
-        import uvloop
-
-        result: T = uvloop.run(coro)
-        return result
-    return asyncio.run(coro)
+#: The entry-point group of plugin subcommands (see the module docstring).
+COMMANDS_ENTRY_POINT_GROUP = "aiofused.commands"
 
 
 # ---- info ----------------------------------------------------------------------
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from aiofused._driver import available_drivers
-    from aiofused.backends import available_backends
+    from aiofused.backend import available_backends
+    from aiofused.driver import available_drivers
 
     loop = loop_name(args.loop)
     print(f"aiofused {__version__}")
@@ -71,79 +73,47 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- demo ----------------------------------------------------------------------
+# ---- plugin commands -----------------------------------------------------------
 
 
-def _bar(label: str, done: int, total: int, width: int = 28) -> str:
-    filled = int(width * done / total) if total else width
-    return f"\r  {label:<22} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+def command_entry_points() -> list[EntryPoint]:
+    """The ``aiofused.commands`` entry points, in the order they are added (by name)."""
+    return sorted(entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
-async def _demo_fanout(ns: Sequence[int], backend: str, rounds: int, quick: bool) -> list[Any]:
-    from aiofused_drivers.demo.fanout import compare_fanout
+def _unavailable(name: str, reason: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        sys.stderr.write(f"aiofused {name}: unavailable: {reason}\n")
+        return 1
 
-    results = []
-    out = sys.stdout
-    print("1:N fan-out: one buffer sent to N slow readers (each starts reading 20 ms after")
-    print("its first byte). Fused: one primary, N concurrent SEND secondaries on the lent")
-    print("buffer. Chain: the same N SENDs as an IO_LINK chain. Gather: plain asyncio.\n")
-    total = len(ns)
-    for i, n in enumerate(ns):
-        out.write(_bar(f"N={n}", i, total))
-        out.flush()
-        res = await compare_fanout(
-            n,
-            rounds=rounds,
-            backend=backend,
-            chunk=128 * 1024 if quick else 256 * 1024,
-        )
-        results.append(res)
-    out.write(_bar("fan-out done", total, total) + "\n\n")
-    print(
-        f"  {'N':>3} {'fused ms':>9} {'chain ms':>9} {'gather ms':>10} {'chain/fused':>12}"
-        f" {'fused/gather':>13}"
-    )
-    for r in results:
-        print(
-            f"  {r.n:>3} {r.fused * 1e3:>9.1f} {r.chain * 1e3:>9.1f} {r.gather * 1e3:>10.1f}"
-            f" {r.chain_speedup:>11.1f}x {r.fused_vs_gather:>12.2f}x"
-        )
-    print(f"  (backend: {results[0].backend if results else backend})\n")
-    return results
+    return handler
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, "console")
-    ns = [1, 4, 16] if args.quick else [1, 4, 16, 64]
-    start = time.perf_counter()
-
-    async def run() -> None:
-        await _demo_fanout(ns, args.backend, 2 if args.quick else 3, args.quick)
-        if args.no_proxy:
-            return
-        from aiofused_drivers.demo.showcase import run_proxy_showcase
-
-        size = args.size if args.size else (32 if args.quick else 256) * 1024 * 1024
-        await run_proxy_showcase(size, mirrors=1, backend=args.backend)
-
-    run_on_loop(run(), args.loop)
-    print(f"demo finished in {time.perf_counter() - start:.1f} s")
-    return 0
+def _add_plugin_commands(sub: Any) -> None:
+    for ep in command_entry_points():
+        if ep.name in sub.choices:
+            continue
+        try:
+            ep.load()(sub)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc} (entry point {ep.value})"
+            # Takes any arguments (no option prefix): running it only reports ``reason``.
+            kw: dict[str, Any] = {"add_help": False, "prefix_chars": "\0"}
+            if ep.name in sub.choices:  # registered, then broke: replace its parser
+                parser = sub.choices[ep.name] = argparse.ArgumentParser(
+                    prog=f"aiofused {ep.name}", **kw
+                )
+            else:
+                parser = sub.add_parser(ep.name, help=f"unavailable: {reason}", **kw)
+            parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+            parser.set_defaults(func=_unavailable(ep.name, reason))
 
 
 # ---- parser --------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    t = text.strip().upper().rstrip("B").rstrip("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The ``aiofused`` argument parser with every subcommand."""
+    """The ``aiofused`` argument parser: ``info`` and every plugin subcommand."""
     parser = argparse.ArgumentParser(
         prog="aiofused", description="Fused I/O for asyncio: ring, drivers, proxy, NBD."
     )
@@ -156,26 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     info.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="fused fan-out vs link chain, then the zero-copy proxy")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
-    demo.add_argument("--backend", choices=("auto", "uring", "asyncio"), default="auto")
-    demo.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    demo.add_argument("--size", type=_size, default=0, help="bytes through the proxy")
-    demo.add_argument("--no-proxy", action="store_true", help="only the fan-out part")
-    demo.set_defaults(func=_cmd_demo)
-
-    try:
-        from aiofused_drivers.relay.proxy import add_parser as add_proxy
-    except ImportError:  # pragma: no cover - optional part
-        pass
-    else:
-        add_proxy(sub)
-    try:
-        from aiofused_drivers.ublk.cli import add_parser as add_nbd
-    except ImportError:  # pragma: no cover - drivers not installed
-        pass
-    else:
-        add_nbd(sub)
+    _add_plugin_commands(sub)
     return parser
 
 

@@ -3,8 +3,11 @@
 A driver is one declarative object (:class:`Driver`): ``name``, ``can_fused`` and
 ``uring_cmd(cmd, issue_flags)``.  It sees each command as a :class:`UringCmd`, lends
 buffers (often from a :class:`BufferPool`) with ``cmd.provide_buf_and_start`` and
-completes with ``cmd.done``.  Plugins import only this module, :mod:`aiofused` and
-:mod:`aiofused.backend`; a test walks the in-tree drivers to keep it so.
+completes with ``cmd.done``.  A plugin that is a program too (a subcommand of
+``aiofused``, see :mod:`aiofused.cli`) logs with :func:`get_logger`, sets logging up
+with :func:`configure_logging` and runs its loop with :func:`run_on_loop`.  Plugins
+import only this module, :mod:`aiofused` and :mod:`aiofused.backend`; a test
+(``tests/test_boundaries.py``) walks the in-tree plugins to keep it so.
 """
 
 from aiofused._abi import EIOCBQUEUED, BufDir
@@ -20,6 +23,7 @@ from aiofused._driver import (
 )
 from aiofused._errors import DriverError
 from aiofused._log import configure_logging, get_logger
+from aiofused._loop import run_on_loop
 
 __all__ = [
     "EIOCBQUEUED",
@@ -36,4 +40,5 @@ __all__ = [
     "configure_logging",
     "get_logger",
     "load_driver",
+    "run_on_loop",
 ]

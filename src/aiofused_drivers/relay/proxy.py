@@ -989,7 +989,10 @@ def _size(text: str) -> int:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``proxy`` subcommand on ``subparsers`` (``args.func(args)`` runs it)."""
+    """Register the ``proxy`` subcommand on ``subparsers`` (``args.func(args)`` runs it).
+
+    The ``proxy`` entry point of the ``aiofused.commands`` group (see :mod:`aiofused.cli`).
+    """
     p: argparse.ArgumentParser = subparsers.add_parser(
         "proxy",
         help="zero-copy mirroring TCP proxy (fused commands on the relay driver)",

@@ -1,11 +1,7 @@
 """``aiofused nbd serve``: serve ublk-style block devices to NBD clients.
 
-Hook for the main CLI::
-
-    from aiofused_drivers.ublk.cli import add_parser
-    add_parser(subparsers)          # registers "nbd" (with "serve"); sets func=run
-    ...
-    args = parser.parse_args(argv); return args.func(args)
+The ``nbd`` entry point of the ``aiofused.commands`` group (see :mod:`aiofused.cli`)
+is :func:`add_parser`: it registers ``nbd`` (with ``serve``) and sets ``func=run``.
 
 ``python -m aiofused_drivers.ublk.cli nbd serve ...`` works on its own too.
 """
