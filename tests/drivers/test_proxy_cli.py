@@ -256,7 +256,7 @@ async def test_invalid_settings_exit_2() -> None:
 
 
 async def test_example_proxy_relays_and_mirrors() -> None:
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "zero_copy_proxy.py")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "zero_copy_proxy.py")
     mirrored: list[bytes] = []
 
     async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
