@@ -21,7 +21,7 @@ import collections
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from aiofused._abi import ECANCELED, EIO, EIOCBQUEUED, CqeFlag, Op, SetupFlag, SqeFlag
+from aiofused._abi import ECANCELED, EIO, EIOCBQUEUED, ENOENT, CqeFlag, Op, SetupFlag, SqeFlag
 from aiofused._core.records import Req
 from aiofused._core.ring import RingCore
 from aiofused._core.sqe import Cqe, Sqe
@@ -205,7 +205,8 @@ class RecordingPort:
         """Answer a cancellation request (the oldest, or the one for ``which``).
 
         ``res`` 0 (accepted) completes the op with ``complete_with`` first, as the
-        asyncio backend does for a parked op; -EALREADY leaves it pending.
+        asyncio backend does for a parked op; -EALREADY leaves it pending.  A request
+        for an op that finished meanwhile is answered -ENOENT whatever ``res`` says.
         """
         if which is None:
             req, on_result = self.cancels.pop(0)
@@ -213,7 +214,9 @@ class RecordingPort:
             target = self._resolve(which)
             (i,) = [k for k, (r, _) in enumerate(self.cancels) if r is target]
             req, on_result = self.cancels.pop(i)
-        if res == 0 and complete_with is not None and req in self.pending:
+        if req not in self.pending:
+            res = ENOENT  # finished meanwhile, as a backend answers for a done op
+        elif res == 0 and complete_with is not None:
             self.complete(req, complete_with)
         on_result(res)
 
