@@ -23,8 +23,8 @@ from conftest import cyclic_garbage
 
 from aiofused import FusedScope, Lease
 from aiofused._core.records import Req
-from aiofused._proxy import Endpoint, ProxyConfig, ProxyServer, _Connection, _Mirror
 from aiofused_drivers.relay import RelayChannel
+from aiofused_drivers.relay.proxy import Endpoint, ProxyConfig, ProxyServer, _Connection, _Mirror
 
 _CHUNK_TYPES = (Req, FusedScope, Lease)
 _CONNECTION_TYPES = (_Connection, _Mirror, RelayChannel)

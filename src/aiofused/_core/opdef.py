@@ -45,6 +45,7 @@ _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _CMD_FIXED = int(UringCmdFlag.FIXED)
 _CMD_FUSED_BUF = int(UringCmdFlag.FUSED_BUF)
 _DEST, _SRC = BufDir.DEST, BufDir.SRC
+_MSG_WAITALL = 0x100  # socket.MSG_WAITALL on Linux
 
 
 class Issue(enum.IntEnum):
@@ -197,9 +198,13 @@ def _prep_rw(core: RingCore, req: Req, sqe: Sqe) -> int:
     req.nbytes = n
     req.offset = sqe.off
     rw = sqe.rw_flags
-    req.rw_flags = rw if type(rw) is int else int(rw)  # socket.MSG_* are IntFlags
+    if type(rw) is not int:
+        rw = int(rw)  # socket.MSG_* are IntFlags
+    req.rw_flags = rw
     if n < 0:
         return EINVAL
+    if req.opdef.short_fails or rw & _MSG_WAITALL:  # type: ignore[union-attr]
+        req.want = n
     addr = sqe.addr
     if req.primary is not None:  # fused secondary: addr is an offset into the lent buffer
         if isinstance(addr, int):
@@ -224,7 +229,7 @@ def _prep_fixed(core: RingCore, req: Req, sqe: Sqe) -> int:
         return 0
     if sqe.len < 0:
         return EINVAL
-    req.nbytes = sqe.len
+    req.nbytes = req.want = sqe.len
     req.offset = sqe.off
     req.rw_flags = int(sqe.rw_flags)
     views = core.reg_views

@@ -262,6 +262,7 @@ class Req(IoOp):
         "target",
         "timer",
         "user_data",
+        "want",
     )
 
     def __init__(self, ring: RingCore) -> None:
@@ -279,6 +280,9 @@ class Req(IoOp):
         self.opdef: OpDef | None = None
         self.state = ReqState.FREE
         self.res = 0
+        #: The least ``res`` that is a success for links (SPEC L2): 0, or the length for
+        #: ops where a short transfer fails (READ/WRITE, MSG_WAITALL).
+        self.want = 0
         #: Init error (SPEC R3), and the error reported when issued (as the kernel's import).
         self.err = 0
         self.issue_err = 0

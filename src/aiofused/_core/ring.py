@@ -83,7 +83,6 @@ _OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
 _OP_TIMEOUT = int(Op.TIMEOUT)
 _OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
 _UNFIXED = {int(Op.READ_FIXED): Op.READ, int(Op.WRITE_FIXED): Op.WRITE}
-_MSG_WAITALL = 0x100
 
 _S = ReqState
 _FREE, _PREPARED, _INFLIGHT, _NOTIF, _DONE = _S.FREE, _S.PREPARED, _S.INFLIGHT, _S.NOTIF, _S.DONE
@@ -100,18 +99,6 @@ _refcount = sys.getrefcount
 
 def _ignore(res: int) -> None:
     pass
-
-
-def _failed(req: Req, res: int) -> bool:
-    """Whether ``res`` counts as a failure for links (SPEC L2)."""
-    if res < 0:
-        return True
-    opdef = req.opdef
-    if opdef is None:
-        return False
-    if opdef.short_fails:
-        return res != req.nbytes
-    return opdef.issue is _ISSUE_IO and bool(req.rw_flags & _MSG_WAITALL) and res < req.nbytes
 
 
 class RingCore(FusedCommands):
@@ -176,7 +163,10 @@ class RingCore(FusedCommands):
             return None
         sqe = self._slots[self._sq_next & self._sq_mask]
         self._sq_next += 1
-        sqe._reset()
+        # Clear what no prep helper sets (liburing's io_uring_initialize_sqe).
+        sqe.flags = sqe.ioprio = sqe.rw_flags = sqe.user_data = sqe.buf_index = 0
+        sqe.nr_secondary = sqe.uring_cmd_flags = sqe.cmd_op = sqe.pad1 = 0
+        sqe.cmd = b""
         sq.append(sqe)
         return sqe
 
@@ -303,8 +293,7 @@ class RingCore(FusedCommands):
         """A FUSED_CMD primary whose CQE goes to ``on_cqe``, open for more secondaries."""
         if self.closing:
             raise RingClosedError("ring is closed")
-        req = self._take()
-        self._init(req, 0, int(Op.FUSED_CMD), 0, OPDEFS[Op.FUSED_CMD])
+        req = self._new(0, int(Op.FUSED_CMD), 0, OPDEFS[Op.FUSED_CMD])
         req.on_cqe = on_cqe
         self.init_command(req, cmd_op, cmd, True)
         if not self.fused_ok or len(cmd) > 80:
@@ -332,8 +321,7 @@ class RingCore(FusedCommands):
         on_cqe: Callable[[int, int], None],
     ) -> Req:
         """A secondary for an open primary; its CQE goes to ``on_cqe``."""
-        s = self._take()
-        self._init(s, 0, int(op), 0, OPDEFS[op])
+        s = self._new(0, int(op), 0, OPDEFS[op])
         s.on_cqe = on_cqe
         err = resolve_fd(self, s, fd, 0)
         if err or s.driver is not None:
@@ -343,7 +331,9 @@ class RingCore(FusedCommands):
         s.sec_off = at
         s.nbytes = nbytes
         s.offset = offset
-        s.rw_flags = flags if type(flags) is int else int(flags)  # socket.MSG_* are IntFlags
+        s.rw_flags = flags = flags if type(flags) is int else int(flags)  # MSG_* are IntFlags
+        if s.opdef.short_fails or flags & 0x100:  # type: ignore[union-attr]  # MSG_WAITALL
+            s.want = nbytes
         return s
 
     def cancel(self, req: Req, on_result: Callable[[int], None]) -> None:
@@ -352,38 +342,38 @@ class RingCore(FusedCommands):
 
     # ---- init --------------------------------------------------------------------------
 
-    def _take(self) -> Req:
-        """A free record: one only the free list refers to, or a new one."""
+    def _new(self, user_data: int, opcode: int, flags: int, opdef: OpDef | None) -> Req:
+        """A record for a newly consumed request: a free one that only the free list refers
+        to (a record someone still holds is left to them), or a new one."""
         free = self._free
         while free:
             req = free.pop()
             if _refcount(req) == 2:  # this local and the call's argument: nobody else
-                return req
-        return Req(self)
-
-    @staticmethod
-    def _init(req: Req, user_data: int, opcode: int, flags: int, opdef: OpDef | None) -> None:
+                break
+        else:
+            req = Req(self)
         req.state = REQ_EDGES[req.state + _CONSUME]
         req.user_data = user_data
         req.opcode = opdef.op if opdef is not None else opcode  # type: ignore[assignment]
         req.flags = flags
         req.opdef = opdef
         req.res = 0
+        req.want = 0
         req.err = 0
         req.issue_err = 0
         req.buf_index = -1
         req.sec_index = -1
         req.fired = False
         req.command = False
+        return req
 
     def _consume(self, sqe: Sqe) -> Req:
         """Copy ``sqe`` into a record and run its init checks (SPEC R3)."""
-        req = self._take()
         flags = sqe.flags
         if type(flags) is not int:  # user code may have made it an IntFlag
             flags = int(flags)
         opdef = _opdefs_get(sqe.opcode)
-        self._init(req, sqe.user_data, sqe.opcode, flags, opdef)
+        req = self._new(sqe.user_data, sqe.opcode, flags, opdef)
         if opdef is None:
             req.err = EINVAL
         elif flags & _CHECKED_FLAGS or sqe.ioprio:
@@ -398,10 +388,8 @@ class RingCore(FusedCommands):
 
     def consume_secondary(self, sqe: Sqe, p: Req, index: int) -> Req:
         """Consume secondary ``index`` of primary ``p`` (validated by take_secondaries)."""
-        s = self._take()
-        flags = int(sqe.flags)
         opdef = _opdefs_get(sqe.opcode)
-        self._init(s, int(sqe.user_data), int(sqe.opcode), flags, opdef)
+        s = self._new(int(sqe.user_data), int(sqe.opcode), int(sqe.flags), opdef)
         s.primary = p
         s.sec_index = index
         if opdef is None:
@@ -493,14 +481,13 @@ class RingCore(FusedCommands):
     # ---- issue -------------------------------------------------------------------------
 
     def issue(self, req: Req) -> None:
-        """Start ``req`` now, or after the request being started (no recursion)."""
+        """Start ``req`` now, or right after the request being started (no recursion)."""
+        ready = self._ready
+        ready.append(req)
         if self._issuing:
-            self._ready.append(req)
             return
         self._issuing = True
         try:
-            self._issue_one(req)
-            ready = self._ready
             while ready:
                 self._issue_one(ready.popleft())
         finally:
@@ -556,12 +543,27 @@ class RingCore(FusedCommands):
         elif flags & _CQE_NOTIF:
             if req.state is _NOTIF:
                 req.state = REQ_EDGES[req.state + _NOTIF_IN]
-                self._post(req, 0, _CQE_NOTIF)
+                on_cqe = req.on_cqe
+                if on_cqe is not None:
+                    on_cqe(0, _CQE_NOTIF)
+                else:
+                    self._post_cqe(req.user_data, 0, _CQE_NOTIF)
                 self._release(req)
         elif req.opdef is not None and req.opdef.uring & _ZC:
             self.finish(req, res, _RESULT, _CQE_MORE)
         else:
             self.finish(req, res, _COMPLETE, flags)
+
+    def io_batch(self, batch: list[tuple[Any, int, int]]) -> None:
+        """A backend's batch of completions, ``(req, res, flags)`` in completion order."""
+        for req, res, flags in batch:
+            try:
+                if flags:
+                    self.io_done(req, res, flags)
+                else:
+                    self.finish(req, res, _COMPLETE)
+            except Exception:
+                self.port.log_error("completion_failed", exc=True, user_data=req.user_data)
 
     # ---- timeouts and cancellation -----------------------------------------------------
 
@@ -660,28 +662,17 @@ class RingCore(FusedCommands):
 
     # ---- completion --------------------------------------------------------------------
 
-    def _post(self, req: Req, res: int, flags: int) -> None:
-        on_cqe = req.on_cqe
-        if on_cqe is not None:
-            on_cqe(res, flags)
-        elif req.opcode != _OP_TIMEOUT:
-            self._post_cqe(req.user_data, res, flags)
-        else:  # a TIMEOUT's own CQE does not count for other timeouts
-            cq = self.cq
-            cq.append(_tuple_new(Cqe, (req.user_data, res, flags)))
-            if len(cq) > self.cq_entries:
-                self.cq_overflow += 1
-            if self.waiting:
-                self.port.wake()
-
-    def _post_cqe(self, user_data: int, res: int, flags: int) -> None:
+    def _post_cqe(self, user_data: int, res: int, flags: int, counts: bool = True) -> None:
+        """Append a CQE; ``counts``: it counts for TIMEOUTs with a count (a TIMEOUT's own
+        CQE does not)."""
         cq = self.cq
         cq.append(_tuple_new(Cqe, (user_data, res, flags)))  # Cqe(...) without its __new__
         if len(cq) > self.cq_entries:
             self.cq_overflow += 1
-        self._cqe_seq += 1
-        if self._count_timeouts:
-            self._flush_count_timeouts()
+        if counts:
+            self._cqe_seq += 1
+            if self._count_timeouts:
+                self._flush_count_timeouts()
         if self.waiting:
             self.port.wake()
 
@@ -703,9 +694,13 @@ class RingCore(FusedCommands):
             req.timer = None
             self.port.disarm_timer(timer)
         skip = req.flags & _F_SKIP
-        failed = res < 0 or _failed(req, res)
+        failed = res < req.want  # < 0, or short where that fails (SPEC L2)
         if not drop_cqe and (not skip or failed):
-            self._post(req, res, flags)
+            on_cqe = req.on_cqe
+            if on_cqe is not None:
+                on_cqe(res, flags)
+            else:
+                self._post_cqe(req.user_data, res, flags, req.opcode != _OP_TIMEOUT)
         if req.lt is not None:
             self._disarm_link_timeout(req)
         nxt = req.link

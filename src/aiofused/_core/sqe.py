@@ -82,19 +82,6 @@ class Sqe:
 
     # ---- helpers -------------------------------------------------------------
 
-    def _reset(self) -> None:
-        """Clear what no ``prep`` helper sets (``get_sqe``; liburing's initialize_sqe)."""
-        self.flags = 0
-        self.ioprio = 0
-        self.rw_flags = 0
-        self.user_data = 0
-        self.buf_index = 0
-        self.nr_secondary = 0
-        self.uring_cmd_flags = 0
-        self.cmd_op = 0
-        self.cmd = b""
-        self.pad1 = 0
-
     def _prep(self, op: int, fd: Any, addr: Any, length: int, off: int) -> None:
         """Set the common fields (``io_uring_prep_rw``); ``user_data``/``flags`` stay."""
         self.opcode = op

@@ -37,7 +37,8 @@ class Ring(RingCore):
 
     ``entries`` is rounded up to a power of two; ``flags`` are :class:`SetupFlag`
     bits (``FUSED_REQ`` enables fused commands); ``backend`` is ``"auto"``,
-    ``"uring"`` or ``"asyncio"``.  Use it as ``async with Ring(...) as ring``.
+    ``"uring"``, ``"asyncio"`` or a :class:`~aiofused.backend.Backend` instance on the
+    running loop (tests: ``aiofused.testing.fake``).  Use it as ``async with Ring(...)``.
     """
 
     #: Every ring alive (the pytest plugin's leak check reads their statistics).
@@ -47,19 +48,23 @@ class Ring(RingCore):
         self,
         entries: int = 64,
         flags: int = SetupFlag.NONE,
-        backend: str = "auto",
+        backend: str | Backend = "auto",
         *,
         cq_entries: int | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         super().__init__(entries, flags, self, cq_entries=cq_entries)
-        self._backend = select_backend(backend, self.loop)
-        if self._backend.name == "asyncio":
+        if isinstance(backend, Backend):
+            self._backend = backend
+        else:
+            self._backend = select_backend(backend, self.loop)
+        if self._backend.name == "asyncio" or isinstance(backend, Backend):
             self._fallback = self._backend
         else:
             from aiofused.backends._asyncio import AsyncioBackend
 
             self._fallback = AsyncioBackend(self.loop)
+        self._backend.deliver = self._fallback.deliver = self.io_batch
         kernel_ops = self._backend.supported_ops
         #: opcode -> the backend that runs it (the op table says which ops are leaf I/O).
         self._io_backend: dict[int, Backend] = {

@@ -60,6 +60,15 @@ _MODULES = {"uring": "aiofused.backends._uring", "asyncio": "aiofused.backends._
 Completion = Callable[[int, int], None]
 
 
+def deliver_each(batch: list[tuple[Completion, int, int]]) -> None:
+    """The default :attr:`Backend.deliver`: ``complete(res, flags)`` for each, in order."""
+    for complete, res, flags in batch:
+        try:
+            complete(res, flags)
+        except Exception:
+            log.exception("completion_callback_failed", res=res)
+
+
 class BackendOp:
     """Opaque handle of a started op; backends subclass it."""
 
@@ -83,6 +92,11 @@ class Backend(abc.ABC):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        #: Where a backend that reaps completions in batches (the uring backend: every
+        #: CQE of one wake-up) hands them over: ``deliver([(complete, res, flags), ...])``,
+        #: in completion order.  By default each ``complete(res, flags)`` is called in
+        #: turn; a ring installs its own to take the whole batch in one call.
+        self.deliver: Callable[[list[tuple[Completion, int, int]]], None] = deliver_each
 
     @classmethod
     @abc.abstractmethod

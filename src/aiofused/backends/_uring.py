@@ -929,29 +929,36 @@ class UringBackend(Backend):
             log.warning("uring_overflow_flush_failed", errno=errno.errorcode.get(-ret, -ret))
 
     def _dispatch(self, batch: list[tuple[int, int, int]]) -> None:
+        """Hand the batch's completions over in order: plain ops' in one ``deliver`` call
+        (their buffers let go first), SEND_ZC and our cancels through their own paths."""
         inflight = self._inflight
+        out: list[tuple[Completion, int, int]] = []
         for ud, res, flags in batch:
             rec = inflight.pop(ud, None)
             if rec is None:
                 log.warning("uring_stray_cqe", user_data=ud, res=res, flags=flags)
                 continue
+            if rec.kind == _K_PLAIN:
+                # The op's final CQE: let go of the buffer, then complete.
+                pin = rec.pin
+                if pin is not None:
+                    rec.pin = None
+                    if type(pin) is _Export:
+                        pin.release()
+                out.append((rec.complete, res, 0))
+                rec.op = rec.complete = None
+                rec.state = _S_DONE
+                continue
+            if out:  # keep the kernel's order across the two paths
+                self.deliver(out)
+                out = []
+            inflight[ud] = rec  # _dispatch_special decides when it is final
             try:
-                if rec.kind == _K_PLAIN:
-                    # The op's final CQE: let go of the buffer, then complete.
-                    pin = rec.pin
-                    if pin is not None:
-                        rec.pin = None
-                        if type(pin) is _Export:
-                            pin.release()
-                    complete = rec.complete
-                    rec.op = rec.complete = None
-                    rec.state = _S_DONE
-                    complete(res, 0)
-                else:
-                    inflight[ud] = rec  # _dispatch_special decides when it is final
-                    self._dispatch_special(rec, res, flags)
+                self._dispatch_special(rec, res, flags)
             except Exception:
                 log.exception("uring_completion_callback_failed", user_data=ud, res=res)
+        if out:
+            self.deliver(out)
         if self._drained is not None:
             self._check_drained()
 
