@@ -85,7 +85,8 @@ class FusedCommands:
         def fail_one(self, m: Req, res: int, drop_cqe: bool) -> None: ...
         def cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None: ...
         def release_view(self, view: memoryview) -> bool: ...
-        def consume_secondary(self, sqe: Sqe, p: Req, index: int) -> Req: ...
+        def consume(self, sqe: Sqe, primary: Req | None = None, index: int = -1) -> Req: ...
+        def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None: ...
 
     # ---- building a primary ----------------------------------------------------------
 
@@ -112,7 +113,7 @@ class FusedCommands:
         direction: BufDir | None = None
         secondaries = p.secondaries
         for k in range(take):
-            s = self.consume_secondary(sq[i + k], p, k)
+            s = self.consume(sq[i + k], p, k)
             secondaries.append(s)
             if err or p.err:
                 continue
@@ -366,7 +367,7 @@ class FusedCommands:
     def _returned(self, p: Req) -> None:
         if p.fstate is _LENT:
             fused_step(p, _FI.RETURNED)
-            self.port.task_work(self.run_callback, p)
+            self.queue_task_work(self.run_callback, p)
         elif p.fstate is _CLOSING:
             fused_step(p, _FI.RETURNED)
             self._release_views(p)

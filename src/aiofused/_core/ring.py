@@ -139,6 +139,9 @@ class RingCore(FusedCommands):
         self._inflight: dict[Req, None] = {}
         self._ready: collections.deque[Req] = collections.deque()
         self._issuing = False
+        #: Inside io_batch (waiters are woken at its end), and whether it queued task work.
+        self._batching = False
+        self._batch_task_work = False
         self.live = 0
         self._deferred: collections.deque[tuple[list[Req], int, bool]] = collections.deque()
         self._barrier = False
@@ -155,7 +158,8 @@ class RingCore(FusedCommands):
     # ---- SQ ----------------------------------------------------------------------------
 
     def get_sqe(self) -> Sqe | None:
-        """Return the next SQE slot, or None when the SQ is full."""
+        """Return the next SQE slot, or None when the SQ is full; a ``prep_*`` helper then
+        sets it (as in liburing, the slot still holds what it held before)."""
         if self.closing:
             raise RingClosedError("ring is closed")
         sq = self._sq
@@ -163,10 +167,6 @@ class RingCore(FusedCommands):
             return None
         sqe = self._slots[self._sq_next & self._sq_mask]
         self._sq_next += 1
-        # Clear what no prep helper sets (liburing's io_uring_initialize_sqe).
-        sqe.flags = sqe.ioprio = sqe.rw_flags = sqe.user_data = sqe.buf_index = 0
-        sqe.nr_secondary = sqe.uring_cmd_flags = sqe.cmd_op = sqe.pad1 = 0
-        sqe.cmd = b""
         sq.append(sqe)
         return sqe
 
@@ -196,7 +196,7 @@ class RingCore(FusedCommands):
                 # A plain standalone NOP: nothing to check or track, its CQE at once.
                 self._post_cqe(sqe.user_data, 0, 0)
                 continue
-            req = self._consume(sqe)
+            req = self.consume(sqe)
             if req.command and req.is_fused:
                 i = self.take_secondaries(req, sq, i, n, int(sqe.nr_secondary))
             linked = req.flags & _LINK_FLAGS
@@ -367,15 +367,21 @@ class RingCore(FusedCommands):
         req.command = False
         return req
 
-    def _consume(self, sqe: Sqe) -> Req:
-        """Copy ``sqe`` into a record and run its init checks (SPEC R3)."""
+    def consume(self, sqe: Sqe, primary: Req | None = None, index: int = -1) -> Req:
+        """Copy ``sqe`` into a record and run its init checks (SPEC R3); with ``primary``,
+        as that primary's secondary ``index`` (whose checks take_secondaries completes)."""
         flags = sqe.flags
         if type(flags) is not int:  # user code may have made it an IntFlag
             flags = int(flags)
         opdef = _opdefs_get(sqe.opcode)
         req = self._new(sqe.user_data, sqe.opcode, flags, opdef)
+        if primary is not None:
+            req.primary = primary
+            req.sec_index = index
         if opdef is None:
             req.err = EINVAL
+        elif primary is not None and primary.err:
+            pass  # the primary failed: its secondaries are only consumed
         elif flags & _CHECKED_FLAGS or sqe.ioprio:
             req.err = self._generic_init(req, sqe, opdef) or opdef.prep(self, req, sqe)
         else:
@@ -385,20 +391,6 @@ class RingCore(FusedCommands):
         sqe.fd = -1  # the slot keeps no reference to the caller's objects
         sqe.addr = 0
         return req
-
-    def consume_secondary(self, sqe: Sqe, p: Req, index: int) -> Req:
-        """Consume secondary ``index`` of primary ``p`` (validated by take_secondaries)."""
-        opdef = _opdefs_get(sqe.opcode)
-        s = self._new(int(sqe.user_data), int(sqe.opcode), int(sqe.flags), opdef)
-        s.primary = p
-        s.sec_index = index
-        if opdef is None:
-            s.err = EINVAL
-        elif not p.err:
-            s.err = self._generic_init(s, sqe, opdef) or opdef.prep(self, s, sqe)
-        sqe.fd = -1
-        sqe.addr = 0
-        return s
 
     def _generic_init(self, req: Req, sqe: Sqe, opdef: OpDef) -> int:
         flags = req.flags
@@ -555,15 +547,40 @@ class RingCore(FusedCommands):
             self.finish(req, res, _COMPLETE, flags)
 
     def io_batch(self, batch: list[tuple[Any, int, int]]) -> None:
-        """A backend's batch of completions, ``(req, res, flags)`` in completion order."""
-        for req, res, flags in batch:
-            try:
-                if flags:
-                    self.io_done(req, res, flags)
-                else:
-                    self.finish(req, res, _COMPLETE)
-            except Exception:
-                self.port.log_error("completion_failed", exc=True, user_data=req.user_data)
+        """A backend's batch of completions, ``(req, res, flags)`` in completion order.
+
+        Waiters are woken once, after the batch, and after the task work the batch
+        queued (a primary whose secondaries came back), as the kernel runs task work
+        before it returns to userspace: the task sees both generations at once.
+        """
+        self._batching = True
+        try:
+            for req, res, flags in batch:
+                try:
+                    if flags:
+                        self.io_done(req, res, flags)
+                    else:
+                        self.finish(req, res, _COMPLETE)
+                except Exception:
+                    self.port.log_error("completion_failed", exc=True, user_data=req.user_data)
+        finally:
+            self._batching = False
+        if self.waiting:
+            if self._batch_task_work:
+                self.port.task_work(self._wake_waiters, None)
+            else:
+                self.port.wake()
+        self._batch_task_work = False
+
+    def _wake_waiters(self, _: object) -> None:
+        if self.waiting:
+            self.port.wake()
+
+    def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Task work through the port, noted so that a batch's wake-up comes after it."""
+        if self._batching:
+            self._batch_task_work = True
+        self.port.task_work(fn, arg)
 
     # ---- timeouts and cancellation -----------------------------------------------------
 
@@ -673,7 +690,7 @@ class RingCore(FusedCommands):
             self._cqe_seq += 1
             if self._count_timeouts:
                 self._flush_count_timeouts()
-        if self.waiting:
+        if self.waiting and not self._batching:
             self.port.wake()
 
     def _flush_count_timeouts(self) -> None:

@@ -1,10 +1,11 @@
 """``Sqe`` and ``Cqe``, and the liburing-style ``prep_*`` helpers.
 
 An :class:`Sqe` is a slot of the ring's SQ array, as in the kernel: ``get_sqe`` hands
-out the next slot with its optional fields cleared (liburing's
-``io_uring_initialize_sqe``), the ``prep_*`` helpers set the rest, and ``submit`` copies
-what it needs into a request record and drops the slot's references, so the slot can
-be handed out again.  Keep no reference to an SQE past ``submit``.  A :class:`Cqe` is
+out the next slot as it is, a ``prep_*`` helper sets every field its op reads (as
+liburing's ``io_uring_prep_rw``: ``flags`` and ``ioprio`` go back to 0, so set flags
+after the prep), and ``submit`` copies what it needs into a request record and drops
+the slot's references, so the slot can be handed out again.  Keep no reference to an
+SQE past ``submit``.  A :class:`Cqe` is
 an immutable record.
 """
 
@@ -83,15 +84,17 @@ class Sqe:
     # ---- helpers -------------------------------------------------------------
 
     def _prep(self, op: int, fd: Any, addr: Any, length: int, off: int) -> None:
-        """Set the common fields (``io_uring_prep_rw``); ``user_data``/``flags`` stay."""
+        """Set the fields every op reads (``io_uring_prep_rw``; ``user_data`` too)."""
         self.opcode = op
+        self.flags = _F_FIXED if type(fd) is DriverFile else 0
+        self.ioprio = 0
         self.fd = fd
         self.off = off
         self.addr = addr
         self.len = length
         self.rw_flags = 0
-        if type(fd) is DriverFile:
-            self.flags = int(self.flags) | _F_FIXED
+        self.user_data = 0
+        self.buf_index = 0
 
     def prep_nop(self) -> None:
         """``IORING_OP_NOP``: completes with res 0."""
@@ -160,12 +163,14 @@ class Sqe:
     def prep_uring_cmd(self, fd: Any, cmd_op: int, cmd: bytes = b"") -> None:
         """URING_CMD to a driver."""
         self._prep(_OP_URING_CMD, fd, 0, 0, 0)
+        self.uring_cmd_flags = self.pad1 = 0
         self.cmd_op = cmd_op
         self.cmd = cmd if type(cmd) is bytes else bytes(cmd)
 
     def prep_fused_cmd(self, fd: Any, cmd_op: int, nr_secondary: int = 1, cmd: bytes = b"") -> None:
         """FUSED_CMD primary; the next ``nr_secondary`` SQEs are its secondaries."""
         self._prep(_OP_FUSED_CMD, fd, 0, 0, 0)
+        self.pad1 = 0
         self.cmd_op = cmd_op
         self.cmd = cmd if type(cmd) is bytes else bytes(cmd)
         self.nr_secondary = nr_secondary
