@@ -31,6 +31,7 @@ from aiofused._abi import (
     EIO,
     EIOCBQUEUED,
     EOPNOTSUPP,
+    ETIME,
     BufDir,
     CqeFlag,
     Op,
@@ -532,3 +533,50 @@ def test_private_primary_and_secondaries() -> None:
 
 def test_eiocbqueued_is_the_kernel_value() -> None:
     assert EIOCBQUEUED == -529
+
+
+def test_f12_cancel_p_waits_for_a_send_zc_secondary_notif() -> None:
+    """F9/F12: a cancelled primary still waits for its SEND_ZC secondary's NOTIF."""
+    core, port, _drv, df = setup()
+    fused(core, 1, df, n=2)
+    sec(core, 2, 0, op="send_zc")
+    sec(core, 3, 16, op="send")
+    core.submit()
+    port.complete_zc(2, 16)
+    sqe(core, 20, "cancel", 1)
+    core.submit()
+    assert [r.user_data for r, _ in port.cancels] == [3]  # 2 is only waiting for its NOTIF
+    port.answer_all_cancels()
+    assert not port.work and core.lent == 1
+    port.notif(2)
+    port.run_work()
+    assert [(c.user_data, c.res, c.flags) for c in port.cqes] == [
+        (2, 16, CqeFlag.MORE),
+        (20, 0, 0),
+        (3, ECANCELED, 0),
+        (2, 0, CqeFlag.NOTIF),
+        (1, ECANCELED, 0),
+    ]
+    port.assert_quiet()
+
+
+def test_l6_link_timeout_on_a_fused_primary() -> None:
+    """SPEC L6 + F12: a LINK_TIMEOUT after P cancels P (its secondaries first) and severs
+    the chain; the timeout's CQE is -ETIME."""
+    core, port, _drv, df = setup()
+    fused(core, 1, df, n=2, flags=LINK)
+    sec(core, 2, 0)
+    sec(core, 3, 16)
+    sqe(core, 4, "link_timeout", 1.0, flags=LINK)
+    sqe(core, 5, "nop")
+    core.submit()
+    port.fire(4)
+    port.answer_all_cancels()
+    port.run_work()
+    got = port.pairs()
+    assert sorted(got) == sorted(
+        [(4, ETIME), (2, ECANCELED), (3, ECANCELED), (1, ECANCELED), (5, ECANCELED)]
+    )
+    assert got.index((2, ECANCELED)) < got.index((1, ECANCELED)) < got.index((5, ECANCELED))
+    assert got.index((3, ECANCELED)) < got.index((1, ECANCELED))
+    port.assert_quiet()

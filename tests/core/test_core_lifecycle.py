@@ -317,3 +317,22 @@ def test_done_while_lent_closes_then_completes_after_the_secondaries() -> None:
     assert not port.work  # the lend callback never runs after done()
     del cmd, drv.kept[:]
     port.assert_quiet()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not SPEC, the records.py contract ('a missing edge raises LifecycleError for "
+    "the request lifecycle'): RingCore.finish indexes REQ_EDGES directly, so a backend "
+    "completing an op twice gets a bare KeyError(3) (FREE + COMPLETE)",
+)
+def test_a_second_backend_completion_raises_lifecycle_error() -> None:
+    core, port = make_core()
+    sqe(core, 1, "read", 5, bytearray(8))
+    core.submit()
+    req = port.pending[0]
+    port.complete(req, 8)
+    with pytest.raises(LifecycleError):
+        core.io_done(req, 8, 0)
+    assert port.pairs() == [(1, 8)]  # nothing more posted
+    del req
+    port.assert_quiet()

@@ -587,3 +587,50 @@ def test_cancel_all_fails_waiting_units_and_cancels_what_runs() -> None:
     assert port.pairs()[2:] == [(1, ECANCELED), (2, ECANCELED)]
     assert port.idle_count >= 1
     port.assert_quiet()
+
+
+def test_r1_overflowed_cqes_are_kept_in_order() -> None:
+    from recording_port import RecordingPort
+
+    from aiofused._core.ring import RingCore
+
+    port = RecordingPort(drain_cq=False)
+    core = RingCore(2, 0, port)
+    port.attach(core)
+    assert (core.sq_entries, core.cq_entries) == (2, 4)
+    for i in range(0, 10, 2):
+        sqe(core, i, "nop")
+        sqe(core, i + 1, "nop")
+        assert core.submit() == 2
+    assert [c.user_data for c in core.cq] == list(range(10))
+    assert core.cq_overflow == 6
+    with pytest.raises(ValueError):
+        RingCore(0, 0, port)
+    with pytest.raises(ValueError):
+        RingCore(32769, 0, port)
+    assert RingCore(5, 0, port).sq_entries == 8
+
+
+def test_r7_count_timeout_counts_posted_cqes_only() -> None:
+    core, port = make_core()
+    sqe(core, 1, "timeout", 9.0, count=1)
+    core.submit()
+    sqe(core, 2, "nop", flags=SKIP)  # hidden: not counted
+    core.submit()
+    assert port.pairs() == []
+    sqe(core, 3, "nop")
+    core.submit()
+    assert port.pairs() == [(3, 0), (1, 0)]
+    port.assert_quiet()
+
+
+def test_close_waits_for_a_send_zc_notif() -> None:
+    core, port = make_core()
+    sqe(core, 1, "send_zc", 5, b"abc")
+    core.submit()
+    port.complete_zc(1, 3)
+    core.cancel_all()
+    assert not port.cancels and core.in_flight() == 1  # only the NOTIF is due
+    port.notif(1)
+    assert core.in_flight() == 0 and port.idle_count >= 1
+    port.assert_quiet()
