@@ -319,12 +319,6 @@ def test_done_while_lent_closes_then_completes_after_the_secondaries() -> None:
     port.assert_quiet()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not SPEC, the records.py contract ('a missing edge raises LifecycleError for "
-    "the request lifecycle'): RingCore.finish indexes REQ_EDGES directly, so a backend "
-    "completing an op twice gets a bare KeyError(3) (FREE + COMPLETE)",
-)
 def test_a_second_backend_completion_raises_lifecycle_error() -> None:
     core, port = make_core()
     sqe(core, 1, "read", 5, bytearray(8))

@@ -417,13 +417,6 @@ def test_l6_link_timeout_misplaced_is_einval() -> None:
     port.assert_quiet()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug (SPEC L3 + §4 'every consumed SQE produces exactly one CQE'): "
-    "RingCore._link_unit attaches a second LINK_TIMEOUT in a row to the same prev.lt, "
-    "overwriting the first: SQE 3 never completes (in_flight stays 1, close() hangs) "
-    "and SQE 4 posts -ECANCELED instead of its -EINVAL",
-)
 def test_l6_two_link_timeouts_in_a_row_fail_the_chain() -> None:
     """The kernel's io_link_timeout_prep: a LINK_TIMEOUT after a LINK_TIMEOUT is -EINVAL;
     io_submit_fail_init then fails the chain in order: head and the first timeout

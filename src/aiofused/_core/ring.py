@@ -56,7 +56,7 @@ from aiofused._abi import (
 )
 from aiofused._core.fused import FusedCommands
 from aiofused._core.opdef import OPDEFS, Issue, OpDef, UringEnc, resolve_fd
-from aiofused._core.records import REQ_EDGES, Req, ReqInput, ReqState
+from aiofused._core.records import REQ_EDGES, LifecycleError, Req, ReqInput, ReqState
 from aiofused._core.sqe import Cqe, Sqe
 from aiofused._errors import RingClosedError
 
@@ -415,7 +415,9 @@ class RingCore(FusedCommands):
         count = 0
         for r in reqs:
             count += 1 + len(r.secondaries) if r.command else 1
-            if r.opcode == _OP_LINK_TIMEOUT and prev is not None and r.lt_target is None:
+            if r.opcode == _OP_LINK_TIMEOUT and prev is not None and prev.lt is None:
+                # (A second LINK_TIMEOUT in a row failed init with -EINVAL: it stays an
+                # ordinary member, so the failed chain completes it with its errno.)
                 prev.lt = r
                 r.lt_target = prev
                 continue
@@ -704,7 +706,12 @@ class RingCore(FusedCommands):
         self, req: Req, res: int, inp: ReqInput, flags: int = 0, drop_cqe: bool = False
     ) -> None:
         """The final completion: CQE, chain, release (SEND_ZC's RESULT: all but release)."""
-        req.state = REQ_EDGES[req.state + inp]
+        try:
+            req.state = REQ_EDGES[req.state + inp]
+        except KeyError:
+            raise LifecycleError(
+                f"request ud={req.user_data}: {inp.name.lower()} in state {req.state.name.lower()}"
+            ) from None
         req.res = res
         timer = req.timer
         if timer is not None:
