@@ -249,6 +249,24 @@ class FakeBackend(Backend):
         self._final(h, res, 0)
         return h
 
+    def complete_batch(self, *which: FakeOp | int) -> list[FakeOp]:
+        """Complete several plain ops in one hand-over (:attr:`Backend.deliver`), as the
+        uring backend passes on every CQE of one wake-up; each takes its full length."""
+        ops = [self._resolve(w) for w in which]
+        batch = []
+        for h in ops:
+            if h.state != "pending" or h.opcode in _ZC_OPS:
+                raise RuntimeError(f"{h!r} is not a pending plain op")
+            fn = h.complete_fn
+            assert fn is not None
+            h.state = "done"
+            h.result = h.nbytes
+            h.io = None
+            h.complete_fn = None
+            batch.append((fn, h.nbytes, 0))
+        self.deliver(batch)
+        return ops
+
     def notif(self, which: FakeOp | int) -> FakeOp:
         """SEND_ZC's notification (after :meth:`complete` with ``notif=False``)."""
         h = which if isinstance(which, FakeOp) else self.pending[which]

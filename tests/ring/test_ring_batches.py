@@ -1,0 +1,68 @@
+"""Completions in batches: one hand-over per wake-up, waiters woken once, after the task
+work the batch queued (the kernel runs task work before it returns to userspace)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import add, pairs
+
+from aiofused import Ring, SetupFlag
+from aiofused.testing.fake import FakeBackend
+from aiofused_drivers.null import NULL_LEND
+
+
+async def _parked(ring: Ring) -> None:
+    """Let the reaper task run until it waits in the ring (a few loop turns at most)."""
+    for _ in range(10):
+        if ring.waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the reaper never parked")
+
+
+async def test_a_fused_command_wakes_its_waiter_once_with_both_cqes() -> None:
+    """The secondary's CQE and the primary's (posted by the lend callback, task work) reach
+    a task parked in wait_cqe in one wake-up: it sees both when it resumes."""
+    fake = FakeBackend()
+    async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=fake) as ring:
+        null = ring.open_driver("null", size=4096)
+        add(ring, 1, "fused_cmd", null, NULL_LEND, nr_secondary=1)
+        add(ring, 2, "read", 5, 0, 4096, 0)
+        assert ring.submit() == 2
+        op = await fake.wait_started()
+        seen: list[int] = []
+
+        async def reaper() -> None:
+            await ring.wait_cqe()
+            seen.append(ring.cq_ready())  # what the task found when it resumed
+
+        task = asyncio.get_running_loop().create_task(reaper())
+        await _parked(ring)
+        fake.complete_batch(op)
+        await task
+        assert seen == [2]
+        assert pairs(await ring.wait_cqes(2)) == [(2, 4096), (1, 0)]
+
+
+async def test_a_batch_of_plain_ops_wakes_the_waiter_once() -> None:
+    """Eight READs completed in one hand-over: the waiter wakes once with all eight CQEs,
+    in completion order."""
+    fake = FakeBackend()
+    async with Ring(8, backend=fake) as ring:
+        for ud in range(8):
+            add(ring, ud, "read", 5, bytearray(64), 64, 0)
+        assert ring.submit() == 8
+        await fake.wait_started(8)
+        wakes: list[int] = []
+
+        async def reaper() -> None:
+            await ring.wait_cqe()
+            wakes.append(ring.cq_ready())
+
+        task = asyncio.get_running_loop().create_task(reaper())
+        await _parked(ring)
+        fake.complete_batch(*reversed(fake.pending))
+        await task
+        assert wakes == [8]
+        assert [c.user_data for c in await ring.wait_cqes(8)] == list(range(7, -1, -1))
