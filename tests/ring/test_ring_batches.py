@@ -66,3 +66,28 @@ async def test_a_batch_of_plain_ops_wakes_the_waiter_once() -> None:
         await task
         assert wakes == [8]
         assert [c.user_data for c in await ring.wait_cqes(8)] == list(range(7, -1, -1))
+
+
+async def test_statistics_say_what_the_ring_holds() -> None:
+    """Ring.statistics(): a lent fused command in flight holds 2 requests, 1 lent buffer and
+    2 views (the lent buffer and the secondary's slice); nothing once it completed."""
+    fake = FakeBackend()
+    async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=fake) as ring:
+        null = ring.open_driver("null", size=4096)
+        add(ring, 1, "fused_cmd", null, NULL_LEND, nr_secondary=1)
+        add(ring, 2, "read", 5, 0, 4096, 0)
+        assert ring.statistics()["sq_pending"] == 2
+        ring.submit()
+        op = await fake.wait_started()
+        stats = ring.statistics()
+        assert (stats["in_flight"], stats["lent"], stats["views"]) == (2, 1, 2)
+        assert (stats["sq_pending"], stats["backend_in_flight"]) == (0, 1)
+        fake.complete(op)
+        assert pairs(await ring.wait_cqes(2)) == [(2, 4096), (1, 0)]
+        stats = ring.statistics()
+        assert (stats["in_flight"], stats["lent"], stats["views"], stats["cq_ready"]) == (
+            0,
+            0,
+            0,
+            0,
+        )
