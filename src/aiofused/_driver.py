@@ -11,10 +11,10 @@ drivers register themselves the same way.
 
 from __future__ import annotations
 
-import enum
 import importlib.metadata
 from typing import Any, Protocol, runtime_checkable
 
+from aiofused._abi import IssueFlag
 from aiofused._core.records import DriverFile, Req
 from aiofused._errors import DriverError
 from aiofused._log import get_logger
@@ -31,17 +31,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "aiofused.drivers"
-
-
-class IssueFlag(enum.IntFlag):
-    """``issue_flags`` bits passed to ``uring_cmd`` (V6 ``IO_URING_F_FUSED_BUF_*``)."""
-
-    NONE = 0
-    #: Secondaries write into the lent buffer.
-    FUSED_BUF_DEST = 1 << 11
-    #: Secondaries read from the lent buffer.
-    FUSED_BUF_SRC = 1 << 12
-    FUSED_BUF = FUSED_BUF_DEST | FUSED_BUF_SRC
 
 
 @runtime_checkable

@@ -16,9 +16,11 @@ from typing import Final
 __all__ = [
     "EIOCBQUEUED",
     "MAX_SECONDARY",
+    "MSG_WAITALL",
     "BufDir",
     "CqeFlag",
     "Feature",
+    "IssueFlag",
     "Op",
     "SetupFlag",
     "SqeFlag",
@@ -124,6 +126,21 @@ class UringCmdFlag(enum.IntFlag):
     FIXED = 1 << 0
     #: V6 ``IORING_FUSED_CMD_BUF``: the primary provides a buffer to its secondaries.
     FUSED_BUF = 1 << 1
+
+
+class IssueFlag(enum.IntFlag):
+    """``issue_flags`` bits passed to ``uring_cmd`` (V6 ``IO_URING_F_FUSED_BUF_*``)."""
+
+    NONE = 0
+    #: Secondaries write into the lent buffer.
+    FUSED_BUF_DEST = 1 << 11
+    #: Secondaries read from the lent buffer.
+    FUSED_BUF_SRC = 1 << 12
+    FUSED_BUF = FUSED_BUF_DEST | FUSED_BUF_SRC
+
+
+#: ``MSG_WAITALL`` (Linux): a SEND/RECV with it fails a link when short (``min_ret``).
+MSG_WAITALL: Final = 0x100
 
 
 class BufDir(enum.IntEnum):

@@ -38,6 +38,7 @@ from aiofused._abi import (
     EOPNOTSUPP,
     MAX_SECONDARY,
     BufDir,
+    IssueFlag,
     Op,
     SqeFlag,
 )
@@ -55,8 +56,8 @@ _FI = FusedInput
 _PREPARED, _ISSUED, _LENT = _FS.PREPARED, _FS.ISSUED, _FS.LENT
 _RETURNING, _CLOSING, _DONE = _FS.RETURNING, _FS.CLOSING, _FS.DONE
 _DEST = BufDir.DEST
-_FLAG_DEST = 1 << 11  # IssueFlag.FUSED_BUF_DEST
-_FLAG_SRC = 1 << 12  # IssueFlag.FUSED_BUF_SRC
+_FLAG_DEST = int(IssueFlag.FUSED_BUF_DEST)
+_FLAG_SRC = int(IssueFlag.FUSED_BUF_SRC)
 _SECONDARY_FORBIDDEN = int(
     SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN | SqeFlag.BUFFER_SELECT
 )

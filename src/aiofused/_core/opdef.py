@@ -24,6 +24,7 @@ from aiofused._abi import (
     IORING_ASYNC_CANCEL_ALL,
     IORING_FSYNC_DATASYNC,
     MAX_CMD_BYTES,
+    MSG_WAITALL,
     BufDir,
     Op,
     SqeFlag,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from aiofused._core.ring import RingCore
     from aiofused._core.sqe import Sqe
 
-__all__ = ["OPDEFS", "Issue", "OpDef", "UringEnc"]
+__all__ = ["OPDEFS", "Issue", "OpDef", "UringEnc", "link_threshold", "resolve_fd"]
 
 Prep = Callable[["RingCore", "Req", "Sqe"], int]
 
@@ -45,7 +46,6 @@ _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _CMD_FIXED = int(UringCmdFlag.FIXED)
 _CMD_FUSED_BUF = int(UringCmdFlag.FUSED_BUF)
 _DEST, _SRC = BufDir.DEST, BufDir.SRC
-_MSG_WAITALL = 0x100  # socket.MSG_WAITALL on Linux
 
 
 class Issue(enum.IntEnum):
@@ -105,6 +105,12 @@ class OpDef:
     def backend(self) -> bool:
         """Executed by a backend (leaf I/O)."""
         return self.issue is Issue.IO
+
+
+def link_threshold(opdef: OpDef, rw_flags: int, nbytes: int) -> int:
+    """The least result that does not fail a link (SPEC L2): the whole length for
+    READ/WRITE and for SEND/RECV with MSG_WAITALL (the kernel's ``min_ret``), else 0."""
+    return nbytes if opdef.short_fails or rw_flags & MSG_WAITALL else 0
 
 
 # ---- fd and buffer resolution -------------------------------------------------------
@@ -203,8 +209,7 @@ def _prep_rw(core: RingCore, req: Req, sqe: Sqe) -> int:
     req.rw_flags = rw
     if n < 0:
         return EINVAL
-    if req.opdef.short_fails or rw & _MSG_WAITALL:  # type: ignore[union-attr]
-        req.want = n
+    req.want = link_threshold(req.opdef, rw, n)  # type: ignore[arg-type]
     addr = sqe.addr
     if req.primary is not None:  # fused secondary: addr is an offset into the lent buffer
         if isinstance(addr, int):

@@ -55,7 +55,7 @@ from aiofused._abi import (
     SqeFlag,
 )
 from aiofused._core.fused import FusedCommands
-from aiofused._core.opdef import OPDEFS, Issue, OpDef, UringEnc, resolve_fd
+from aiofused._core.opdef import OPDEFS, Issue, OpDef, UringEnc, link_threshold, resolve_fd
 from aiofused._core.records import REQ_EDGES, LifecycleError, Req, ReqInput, ReqState
 from aiofused._core.sqe import Cqe, Sqe
 from aiofused._errors import RingClosedError
@@ -332,8 +332,7 @@ class RingCore(FusedCommands):
         s.nbytes = nbytes
         s.offset = offset
         s.rw_flags = flags = flags if type(flags) is int else int(flags)  # MSG_* are IntFlags
-        if s.opdef.short_fails or flags & 0x100:  # type: ignore[union-attr]  # MSG_WAITALL
-            s.want = nbytes
+        s.want = link_threshold(OPDEFS[op], flags, nbytes)
         return s
 
     def cancel(self, req: Req, on_result: Callable[[int], None]) -> None:
