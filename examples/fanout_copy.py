@@ -10,11 +10,11 @@ buffer it is given, so the chunk never moves between the two commands.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 
 from aiofused import BufDir, BufferPool, Ring, SetupFlag
+from aiofused.driver import ArgumentParser, size_arg
 
 NULL_LEND = 0  # the null driver's "lend my buffer" command
 
@@ -48,13 +48,15 @@ async def fanout_copy(src: str, dsts: list[str], chunk: int = 1 << 20) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src")
-    parser.add_argument("dst", nargs="+")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="file to copy")
+    parser.add_argument("dst", nargs="+", help="replicas to write")
     parser.add_argument(
         "--chunk",
-        type=lambda s: int(s.rstrip("M")) << 20 if s.endswith("M") else int(s),
-        default=1 << 20,
+        type=size_arg(1),
+        default="1M",
+        metavar="SIZE",
+        help="bytes per fused command (64K, 1M, ...)",
     )
     args = parser.parse_args()
     copied = asyncio.run(fanout_copy(args.src, args.dst, args.chunk))

@@ -22,6 +22,15 @@ The contract of such an entry point:
 * Subcommands are added after ``info``, sorted by name (so ``aiofused --help``
   lists them the same on every install); a name already taken (``info``, or the same
   name from a distribution earlier on ``sys.path``) is skipped.
+* ``subparsers.add_parser`` makes an :class:`aiofused.driver.ArgumentParser`: its
+  ``--help`` shows each option's default, and a bad value is one line on stderr with
+  exit status 2.  Values are parsed with the shared ``type=`` helpers of
+  :mod:`aiofused.driver` (``size_arg``, ``int_arg``, ``host_port_arg``,
+  ``log_level_arg``), so every command spells them the same.
+* A failure at run time is one line on stderr and exit status 1: the handler raises
+  :class:`aiofused.driver.CommandError` (or lets :class:`aiofused.BackendUnavailable`
+  or an ``OSError`` out of start-up), and ``aiofused`` prints ``aiofused NAME: error:
+  MESSAGE``.
 * A plugin that fails to load or to register does not take the command down: its
   subcommand is still listed, and running it prints why it is unavailable on stderr
   and exits 1.
@@ -37,7 +46,8 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from aiofused import __version__
+from aiofused import BackendUnavailable, __version__
+from aiofused._args import ArgumentParser, CommandError, log_level_arg
 from aiofused._loop import loop_name, run_on_loop
 from aiofused.driver import configure_logging
 
@@ -114,16 +124,22 @@ def _add_plugin_commands(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``aiofused`` argument parser: ``info`` and every plugin subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="aiofused", description="Fused I/O for asyncio: ring, drivers, proxy, NBD."
     )
     parser.add_argument("--version", action="version", version=f"aiofused {__version__}")
-    parser.add_argument("--log-level", default="warning")
-    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+    parser.add_argument(
+        "--log-level", type=log_level_arg, default="warning", help="debug, info, warning, ..."
+    )
+    parser.add_argument(
+        "--log-format", choices=("console", "json"), default="console", help="log line format"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="version, loop, backends (and why not), drivers")
-    info.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    info.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="event loop"
+    )
     info.set_defaults(func=_cmd_info)
 
     _add_plugin_commands(sub)
@@ -135,10 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    prog = " ".join(["aiofused", args.command, *filter(None, [getattr(args, "nbd_command", "")])])
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except CommandError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return exc.status
+    except BackendUnavailable as exc:
+        sys.stderr.write(f"{prog}: error: {exc} (try --backend auto or asyncio)\n")
+        return 1
     return rc
 
 

@@ -194,18 +194,23 @@ async def test_workers_get_connections_evenly_and_share_data() -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--export", "nonsense", "--socket", "/tmp/x.sock"], "nbd.bad_export"),
+        (["--export", "nonsense", "--socket", "/tmp/x.sock"], "'nonsense': expected NAME="),
         (
             ["--export", "m=mirror:/a,/b", "--socket", "/tmp/x.sock", "--workers", "2"],
-            "nbd.workers_unsupported",
+            "--workers 2: exports 'm' keep per-process state",
         ),
-        (["--export", "d=loop:/nonexistent/file", "--socket", "/tmp/nbd-x.sock"], "start_failed"),
+        (
+            ["--export", "d=loop:/nonexistent/file", "--socket", "/tmp/nbd-x.sock"],
+            "/nonexistent/file: no such file",
+        ),
     ],
 )
 async def test_bad_arguments_fail_cleanly(args: list[str], needle: str) -> None:
+    """Refused at start-up, in one line naming the bad value, exit status 2 (usage)."""
     r = await run_client(*CLI, *args, timeout=30)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 async def test_socket_buffer_sizes_each_connection() -> None:

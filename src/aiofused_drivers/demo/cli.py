@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiofused.driver import configure_logging, run_on_loop
+from aiofused.backend import get_backend_class
+from aiofused.driver import CommandError, configure_logging, run_on_loop, size_arg
 
 __all__ = ["add_parser", "run"]
 
@@ -59,6 +60,13 @@ async def _demo_fanout(ns: Sequence[int], backend: str, rounds: int, quick: bool
 def run(args: argparse.Namespace) -> int:
     """Handler of ``demo``: returns the exit status."""
     configure_logging(args.log_level, "console")
+    if args.backend == "uring":
+        probe = get_backend_class("uring").probe()
+        if not probe.available:
+            raise CommandError(
+                f"--backend uring: io_uring unavailable here ({probe.reason}); "
+                "use --backend auto or asyncio"
+            )
     ns = [1, 4, 16] if args.quick else [1, 4, 16, 64]
     start = time.perf_counter()
 
@@ -76,23 +84,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    t = text.strip().upper().rstrip("B").rstrip("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``demo`` on an argparse subparsers object (``args.func(args)`` runs it)."""
     demo: argparse.ArgumentParser = subparsers.add_parser(
         "demo", help="fused fan-out vs link chain, then the zero-copy proxy"
     )
     demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
-    demo.add_argument("--backend", choices=("auto", "uring", "asyncio"), default="auto")
-    demo.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    demo.add_argument("--size", type=_size, default=0, help="bytes through the proxy")
+    demo.add_argument(
+        "--backend", choices=("auto", "uring", "asyncio"), default="auto", help="ring backend"
+    )
+    demo.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="event loop"
+    )
+    demo.add_argument(
+        "--size",
+        type=size_arg(1),
+        default=None,
+        metavar="SIZE",
+        help="bytes through the proxy (default: 256M, 32M with --quick)",
+    )
     demo.add_argument("--no-proxy", action="store_true", help="only the fan-out part")
     demo.set_defaults(func=run)
     return demo

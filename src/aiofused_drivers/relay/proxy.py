@@ -57,7 +57,17 @@ from collections.abc import Callable
 from typing import Any
 
 from aiofused import BufDir, DriverFile, Ring, SetupFlag
-from aiofused.driver import configure_logging, get_logger
+from aiofused.backend import get_backend_class
+from aiofused.driver import (
+    ArgumentParser,
+    CommandError,
+    configure_logging,
+    get_logger,
+    int_arg,
+    log_level_arg,
+    parse_host_port,
+    size_arg,
+)
 from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
 
 __all__ = [
@@ -93,14 +103,17 @@ class Endpoint:
     def parse(cls, text: str) -> Endpoint:
         """Parse ``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH`` or an absolute ``PATH``."""
         if text.startswith("unix:"):
+            if not text[5:]:
+                raise ValueError(f"invalid address {text!r}: expected unix:PATH")
             return cls(path=text[5:])
         if text.startswith("/"):
             return cls(path=text)
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
-        host = host.strip("[]") or "127.0.0.1"
-        return cls(host=host, port=int(port))
+        try:
+            host, port = parse_host_port(text)
+        except ValueError as exc:
+            msg = str(exc).replace("expected HOST:PORT", "expected HOST:PORT or unix:PATH")
+            raise ValueError(msg) from None
+        return cls(host=host, port=port)
 
     @property
     def is_unix(self) -> bool:
@@ -154,6 +167,17 @@ class ProxyConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot work."""
+        for name, ep in [("--listen", self.listen), ("--upstream", self.upstream)] + [
+            ("--mirror", m) for m in self.mirrors
+        ]:
+            if not ep.is_unix and not 0 <= ep.port <= 65535:
+                raise ValueError(f"{name} {ep}: port {ep.port} is not in 0-65535")
+            if not ep.is_unix and ep.port == 0 and name != "--listen":
+                raise ValueError(f"{name} {ep}: port 0 cannot be connected to")
+        if self.listen.is_unix:
+            parent = os.path.dirname(os.path.abspath(self.listen.path))
+            if not os.path.isdir(parent):
+                raise ValueError(f"--listen {self.listen}: directory {parent} does not exist")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         if self.max_connections < 1:
@@ -980,14 +1004,6 @@ def _run_workers(config: ProxyConfig, log_level: str, log_format: str) -> int:
 # ---- command line ----------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024 * 1024, "g": 1024 * 1024 * 1024}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``proxy`` subcommand on ``subparsers`` (``args.func(args)`` runs it).
 
@@ -1002,8 +1018,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "and sent from them by fused commands: no Python-level copy."
         ),
     )
-    p.add_argument("--listen", required=True, metavar="HOST:PORT|unix:PATH")
-    p.add_argument("--upstream", required=True, metavar="HOST:PORT|unix:PATH")
+    p.add_argument(
+        "--listen", required=True, metavar="HOST:PORT|unix:PATH", help="where clients connect"
+    )
+    p.add_argument(
+        "--upstream", required=True, metavar="HOST:PORT|unix:PATH", help="the real server"
+    )
     p.add_argument(
         "--mirror",
         action="append",
@@ -1011,26 +1031,37 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="HOST:PORT|unix:PATH",
         help="shadow upstream (repeatable); never slows the main path",
     )
-    p.add_argument("--workers", type=int, default=1, help="SO_REUSEPORT worker processes")
-    p.add_argument("--max-connections", type=int, default=1024, help="per worker")
-    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument("--workers", type=int_arg(1), default=1, help="SO_REUSEPORT worker processes")
     p.add_argument(
-        "--buffer-size",
-        type=_size,
-        default=1024 * 1024,
-        metavar="BYTES",
-        help="pool buffer size: the most one fused command lends (default 1M)",
+        "--max-connections", type=int_arg(1), default=1024, help="open connections per worker"
     )
     p.add_argument(
-        "--pool-size", type=int, default=0, help="buffers per worker (default 4 x max-connections)"
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a connection idle this long",
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=size_arg(1024),
+        default="1M",
+        metavar="SIZE",
+        help="pool buffer size: the most one fused command lends",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=int_arg(0),
+        default=0,
+        help="buffers per worker (0: 4 x --max-connections)",
     )
     p.add_argument(
         "--mirror-lag",
-        type=_size,
-        default=8 * 1024 * 1024,
-        metavar="BYTES",
+        type=size_arg(0),
+        default="8M",
+        metavar="SIZE",
         help="how far a mirror may fall behind before it is cut: its socket send buffer "
-        "(default 8M; above 2 x net.core.wmem_max, TCP autotuning decides)",
+        "(above 2 x net.core.wmem_max, TCP autotuning decides)",
     )
     p.add_argument(
         "--mirror-grace",
@@ -1039,27 +1070,56 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long the main path may wait for a lagging mirror per chunk (default 0)",
     )
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--backend", choices=("auto", "uring", "asyncio"), default="auto")
-    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up connecting to the upstream after this long",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, wait this long for open connections",
+    )
+    p.add_argument(
+        "--backend", choices=("auto", "uring", "asyncio"), default="auto", help="ring backend"
+    )
+    p.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="event loop"
+    )
     # SUPPRESS: a --log-format/--log-level given to the main parser is not overwritten.
-    p.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS)
+    p.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=argparse.SUPPRESS,
+        help="default: the global --log-format (console)",
+    )
     p.add_argument(
         "--log-level",
         dest="proxy_log_level",
+        type=log_level_arg,
         default=None,
-        help="default info (connection failures, resets, mirror cuts, shutdown)",
+        help="default: the global --log-level if given, else info (connection failures, "
+        "resets, mirror cuts, shutdown)",
     )
     p.set_defaults(func=_cli_proxy)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    def endpoint(option: str, text: str) -> Endpoint:
+        try:
+            return Endpoint.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+
     return ProxyConfig(
-        listen=Endpoint.parse(args.listen),
-        upstream=Endpoint.parse(args.upstream),
-        mirrors=tuple(Endpoint.parse(m) for m in args.mirror),
+        listen=endpoint("--listen", args.listen),
+        upstream=endpoint("--upstream", args.upstream),
+        mirrors=tuple(endpoint("--mirror", m) for m in args.mirror),
         workers=args.workers,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
@@ -1086,23 +1146,35 @@ def _cli_proxy(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         config.validate()
     except ValueError as exc:
-        sys.stderr.write(f"aiofused proxy: error: {exc}\n")
-        return 2
+        raise CommandError(str(exc), status=2) from None
+    if config.backend == "uring":
+        probe = get_backend_class("uring").probe()
+        if not probe.available:
+            raise CommandError(
+                f"--backend uring: io_uring unavailable here ({probe.reason}); "
+                "use --backend auto or asyncio"
+            )
     try:
         return run_proxy(config, log_level=level, log_format=fmt)
     except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENOENT):
+            raise CommandError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
         log.error("proxy_failed", error=repr(exc), errno=errno.errorcode.get(exc.errno or 0))
         return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m aiofused_drivers.relay.proxy ...``: the ``proxy`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="aiofused")
+    parser = ArgumentParser(prog="aiofused")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(["proxy", *(sys.argv[1:] if argv is None else argv)])
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except CommandError as exc:
+        sys.stderr.write(f"aiofused proxy: error: {exc}\n")
+        return exc.status
 
 
 if __name__ == "__main__":

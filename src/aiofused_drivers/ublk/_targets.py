@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from aiofused import BufDir
 from aiofused.driver import get_logger
+from aiofused.driver import parse_size as _parse_size
 
 from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, IoOp
 from ._mapping import MappingStore, SqliteMappingStore
@@ -59,18 +60,9 @@ _ZERO_CHUNK = bytes(1 << 20)
 
 
 def parse_size(text: str) -> int:
-    """``"64M"`` -> 67108864 (K, M, G, T, binary)."""
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for i, suffix in enumerate("KMGT", start=1):
-        if text.endswith(suffix):
-            mult = 1024**i
-            text = text[:-1]
-            break
-    value = int(text) * mult
-    if value < 0:
-        raise ValueError("size must be >= 0")
-    return value
+    """``"64M"`` -> 67108864: :func:`aiofused.driver.parse_size` (binary K, M, G, T), the
+    one size parser of every command."""
+    return _parse_size(text)
 
 
 def _falloc(fd: int, mode: int, offset: int, length: int) -> int:

@@ -20,12 +20,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aiofused.driver import configure_logging, get_logger
+from aiofused.backend import get_backend_class
+from aiofused.driver import (
+    ArgumentParser,
+    CommandError,
+    configure_logging,
+    get_logger,
+    host_port_arg,
+    int_arg,
+    log_level_arg,
+    parse_size,
+    size_arg,
+)
 
 from ._dispatch import Dispatcher
 from ._nbd import NbdServer
 from ._service import BlockService, ExportSpec, parse_export
-from ._targets import LinearTarget, MirrorTarget, parse_size
+from ._targets import LinearTarget, MirrorTarget, _split_args
 
 __all__ = ["add_parser", "main", "run"]
 
@@ -53,12 +64,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "nbd", help="serve ublk-style block devices over NBD"
     )
     nbd_sub = nbd.add_subparsers(dest="nbd_command", required=True)
-    serve = nbd_sub.add_parser(
-        "serve",
-        help="serve exports to NBD clients",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    serve = nbd_sub.add_parser("serve", help="serve exports to NBD clients", epilog=EPILOG)
     serve.add_argument(
         "--export",
         "-e",
@@ -69,71 +75,166 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", "-U", metavar="PATH", help="listen on a unix socket")
-    where.add_argument("--listen", "-l", metavar="HOST:PORT", help="listen on TCP")
+    where.add_argument(
+        "--listen", "-l", metavar="HOST:PORT", type=host_port_arg, help="listen on TCP"
+    )
     serve.add_argument("--read-only", "-r", action="store_true", help="all exports read-only")
-    serve.add_argument("--workers", "-w", type=int, default=1, help="worker processes (default 1)")
-    serve.add_argument("--backend", default="auto", choices=("auto", "uring", "asyncio"))
-    serve.add_argument("--queue-depth", type=int, default=128, help="tags per queue")
-    serve.add_argument("--queues", type=int, default=1, help="hardware queues per device")
-    serve.add_argument("--block-size", type=int, default=512, help="minimum block size advertised")
+    serve.add_argument("--workers", "-w", type=int_arg(1), default=1, help="worker processes")
+    serve.add_argument(
+        "--backend", default="auto", choices=("auto", "uring", "asyncio"), help="ring backend"
+    )
+    serve.add_argument("--queue-depth", type=int_arg(1, 4096), default=128, help="tags per queue")
+    serve.add_argument(
+        "--queues", type=int_arg(1, 64), default=1, help="hardware queues per device"
+    )
+    serve.add_argument(
+        "--block-size",
+        type=size_arg(512, 4096, power_of_two=True),
+        default="512",
+        metavar="SIZE",
+        help="minimum block size advertised (a power of two, 512-4096)",
+    )
     serve.add_argument(
         "--pool-buffers",
-        type=int,
+        type=int_arg(0),
         default=256,
         help="request buffers in the ring's registered pool (0: none)",
     )
     serve.add_argument(
         "--pool-buffer-size",
+        type=size_arg(1),
         default="256K",
+        metavar="SIZE",
         help="size of one pool buffer; bigger requests use unregistered buffers",
     )
     serve.add_argument(
         "--socket-buffer",
+        type=size_arg(0),
         default="4M",
+        metavar="SIZE",
         help="SO_SNDBUF/SO_RCVBUF per connection, capped by net.core.[wr]mem_max (0: default)",
     )
     serve.add_argument(
         "--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="event loop"
     )
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--log-format", default="console", choices=("console", "json"))
+    # dest of their own: the options given before the subcommand are not overwritten.
+    serve.add_argument(
+        "--log-level",
+        dest="nbd_log_level",
+        type=log_level_arg,
+        default=None,
+        help="default: the global --log-level if given, else info",
+    )
+    serve.add_argument(
+        "--log-format",
+        dest="nbd_log_format",
+        choices=("console", "json"),
+        default=None,
+        help="default: the global --log-format",
+    )
     serve.set_defaults(func=run)
     return nbd
 
 
-def _bind(args: argparse.Namespace) -> socket.socket:
+def _where(args: argparse.Namespace) -> str:
     if args.socket:
-        return NbdServer.bind_unix(args.socket)
-    host, _, port = args.listen.rpartition(":")
-    return NbdServer.bind_tcp(host.strip("[]") or "127.0.0.1", int(port))
+        return f"unix:{args.socket}"
+    host, port = args.listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind(args: argparse.Namespace) -> socket.socket:
+    """The listening socket; a failure names the address (exit status 1)."""
+    where = _where(args)
+    if args.socket:
+        parent = os.path.dirname(os.path.abspath(args.socket))
+        if not os.path.isdir(parent):
+            raise CommandError(f"cannot listen on {where}: directory {parent} does not exist")
+    try:
+        if args.socket:
+            return NbdServer.bind_unix(args.socket)
+        return NbdServer.bind_tcp(*args.listen)
+    except OSError as e:
+        raise CommandError(f"cannot listen on {where}: {e.strerror or e}") from None
+
+
+_KINDS = ("null", "loop", "mirror", "linear")
+
+
+def check_export(spec: ExportSpec) -> None:
+    """Refuse an export whose target spec cannot work, before anything starts:
+    ``ValueError`` naming the export and the bad part."""
+    kind, _, rest = spec.target.partition(":")
+    what = f"export {spec.name or '(default)'!r} ({spec.target!r})"
+    if kind not in _KINDS:
+        raise ValueError(f"{what}: unknown target {kind!r}, expected one of {', '.join(_KINDS)}")
+    pos, named = _split_args(rest)
+    sizes = [*named.get("size", []), *named.get("extent", [])]
+    if kind == "null":
+        sizes += pos[:1]
+    for text in sizes:
+        try:
+            parse_size(text)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    if kind in ("loop", "mirror"):
+        paths = (named.get("path", []) + pos) if kind == "loop" else pos + named.get("replica", [])
+        if not paths:
+            raise ValueError(
+                f"{what}: expected {kind}:PATH" + (",PATH" if kind == "mirror" else "")
+            )
+        if kind == "mirror" and len(paths) < 2:
+            raise ValueError(f"{what}: a mirror needs at least two files")
+        for path in paths:
+            if not os.path.exists(path):
+                raise ValueError(f"{what}: {path}: no such file")
+
+
+def check_backend(name: str) -> None:
+    """``--backend uring`` where the kernel refuses it: :class:`CommandError` (exit 1)."""
+    if name != "uring":
+        return
+    probe = get_backend_class(name).probe()
+    if not probe.available:
+        raise CommandError(
+            f"--backend uring: io_uring unavailable here ({probe.reason}); "
+            "use --backend auto or asyncio"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``nbd serve``: returns the exit status."""
-    configure_logging(args.log_level, args.log_format)
+    fmt = args.nbd_log_format or getattr(args, "log_format", "console")
+    level = args.nbd_log_level or getattr(args, "log_level", "warning")
+    if args.nbd_log_level is None and level == "warning":
+        level = "info"  # a server logs its life at info unless told otherwise
+    args.log_level, args.log_format = level, fmt
+    configure_logging(level, fmt)
     try:
         specs = [parse_export(e, args.read_only) for e in args.export]
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ValueError(f"--export: duplicate export name {spec.name!r}")
+            seen.add(spec.name)
     except ValueError as e:
-        log.error("nbd.bad_export", error=str(e))
-        return 2
-    if args.workers < 1:
-        log.error("nbd.bad_workers", workers=args.workers)
-        return 2
+        raise CommandError(str(e), status=2) from None
     if args.workers > 1:
         single = [s.name for s in specs if s.target.partition(":")[0] in _SINGLE_PROCESS]
         if single:
-            log.error(
-                "nbd.workers_unsupported",
-                exports=single,
-                reason="mirror and linear keep per-process state; use --workers 1",
+            raise CommandError(
+                f"--workers {args.workers}: exports {', '.join(map(repr, single))} keep "
+                "per-process state (mirror, linear); use --workers 1",
+                status=2,
             )
-            return 2
     try:
-        listener = _bind(args)
-    except OSError as e:
-        log.error("nbd.bind_failed", error=str(e))
-        return 1
-    where = args.socket or args.listen
+        for spec in specs:
+            check_export(spec)
+    except ValueError as e:
+        raise CommandError(str(e), status=2) from None
+    check_backend(args.backend)
+    listener = _bind(args)
+    where = _where(args)
     if args.workers == 1:
         return _run_worker(listener, specs, args, where)
     return _prefork(listener, specs, args, where)
@@ -193,8 +294,8 @@ async def _serve(
             nr_queues=args.queues,
             block_size=args.block_size,
             pool_buffers=args.pool_buffers,
-            pool_buffer_size=parse_size(args.pool_buffer_size),
-            socket_buffer=parse_size(args.socket_buffer),
+            pool_buffer_size=args.pool_buffer_size,
+            socket_buffer=args.socket_buffer,
         )
         async with service:
             if passed:
@@ -265,11 +366,15 @@ def _prefork(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry: ``python -m aiofused_drivers.ublk.cli nbd serve ...``."""
-    parser = argparse.ArgumentParser(prog="aiofused")
+    parser = ArgumentParser(prog="aiofused")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        sys.stderr.write(f"aiofused nbd serve: error: {exc}\n")
+        return exc.status
 
 
 if __name__ == "__main__":
