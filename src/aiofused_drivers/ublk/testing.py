@@ -29,11 +29,32 @@ __all__ = [
 ]
 
 
+#: The Debian package of each tool the interop tests drive.
+DEBIAN_PACKAGES = {
+    "nbdinfo": "libnbd-bin",
+    "nbdcopy": "libnbd-bin",
+    "nbdfuse": "libnbd-bin",
+    "nbdsh": "libnbd-bin",
+    "qemu-img": "qemu-utils",
+    "qemu-io": "qemu-utils",
+    "qemu-nbd": "qemu-utils",
+    "fio": "fio",
+    "nbdkit": "nbdkit",
+    "fusermount3": "fuse3",
+    "losetup": "mount",
+    "mount": "mount",
+    "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+}
+
+
 def missing_tools(*tools: str) -> str | None:
-    """A skip reason naming the tools that are not installed, or ``None``."""
+    """A skip reason naming the tools that are not installed and the Debian packages
+    that have them, or ``None``."""
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        return f"not installed: {', '.join(missing)} (apt-get install libnbd-bin qemu-utils fio)"
+        packages = dict.fromkeys(DEBIAN_PACKAGES.get(t, t) for t in missing)
+        return f"not installed: {', '.join(missing)} (apt-get install {' '.join(packages)})"
     return None
 
 
