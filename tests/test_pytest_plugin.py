@@ -206,3 +206,15 @@ def test_ring_in_auto_mode(tmp_path: Path) -> None:
 
 def test_this_suite_opts_in_to_everything(request: pytest.FixtureRequest) -> None:
     assert request.config.getini("aiofused_mode") == "auto"
+
+
+def test_the_readme_example_works_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### The pytest plugin", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = run(tmp_path, example, "strict")
+    got = outcomes(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert got["test_nop[asyncio-asyncio]"] == "PASSED"
+    assert got["test_nop[uvloop-asyncio]"] == "PASSED"
+    assert got["test_nop_anyio[asyncio]"] == "PASSED", got
