@@ -372,4 +372,4 @@ class Req(IoOp):
 
     def complete_in_task(self, callback: Callable[[Req], None]) -> None:
         """Run ``callback(cmd)`` as task work on the ring's loop."""
-        self.ring.port.task_work(callback, self)
+        self.ring.queue_task_work(callback, self)

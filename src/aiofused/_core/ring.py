@@ -142,6 +142,7 @@ class RingCore(FusedCommands):
         #: Inside io_batch (waiters are woken at its end), and whether it queued task work.
         self._batching = False
         self._batch_task_work = False
+        self._task_work: list[tuple[Callable[[Any], None], Any]] = []
         self.live = 0
         self._deferred: collections.deque[tuple[list[Req], int, bool]] = collections.deque()
         self._barrier = False
@@ -568,7 +569,7 @@ class RingCore(FusedCommands):
             self._batching = False
         if self.waiting:
             if self._batch_task_work:
-                self.port.task_work(self._wake_waiters, None)
+                self.queue_task_work(self._wake_waiters, None)
             else:
                 self.port.wake()
         self._batch_task_work = False
@@ -578,10 +579,24 @@ class RingCore(FusedCommands):
             self.port.wake()
 
     def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
-        """Task work through the port, noted so that a batch's wake-up comes after it."""
+        """Run ``fn(arg)`` as task work.  Task work is batched: everything queued before
+        the hop runs in that one ``port.task_work`` hop, in order; a batch of completions
+        notes that it queued some, so that its waiters are woken after it."""
+        tw = self._task_work
+        tw.append((fn, arg))
+        if len(tw) == 1:
+            self.port.task_work(self._run_task_work, None)
         if self._batching:
             self._batch_task_work = True
-        self.port.task_work(fn, arg)
+
+    def _run_task_work(self, _: object) -> None:
+        tw = self._task_work
+        self._task_work = []  # what the items queue now runs in the next hop
+        for fn, arg in tw:
+            try:
+                fn(arg)
+            except Exception:
+                self.port.log_error("task_work_raised", exc=True, fn=repr(fn))
 
     # ---- timeouts and cancellation -----------------------------------------------------
 
