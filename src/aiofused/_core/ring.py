@@ -483,52 +483,52 @@ class RingCore(FusedCommands):
         self._issuing = True
         try:
             while ready:
-                self._issue_one(ready.popleft())
+                req = ready.popleft()
+                if req.state is not _PREPARED:
+                    continue  # completed meanwhile (a chain failed under it)
+                if self.closing and req.primary is None:
+                    req.err = ECANCELED
+                    if req.command:
+                        self.fail_unissued_command(req, ECANCELED)
+                    else:
+                        self.finish(req, ECANCELED, _FAIL)
+                    continue
+                req.state = REQ_EDGES[req.state + _ISSUE]
+                self._inflight[req] = None
+                lt = req.lt
+                if lt is not None:
+                    lt.state = REQ_EDGES[lt.state + _ISSUE]
+                    self._inflight[lt] = None
+                    lt.timer = self.port.arm_timer(lt.seconds, self._link_timeout_fired, lt)
+                kind = req.opdef.issue  # type: ignore[union-attr]
+                try:
+                    if kind is _ISSUE_IO:
+                        if req.issue_err:
+                            self.finish(req, req.issue_err, _COMPLETE)
+                        elif req.fd < 0:
+                            self.finish(req, EBADF, _COMPLETE)
+                        else:
+                            if not self.reg_kernel and req.opcode in _UNFIXED:
+                                req.opcode = _UNFIXED[req.opcode]  # same bytes, plain form
+                            self.port.start_io(req)
+                    elif kind is _ISSUE_NOP:
+                        self.finish(req, 0, _COMPLETE)
+                    elif kind is _ISSUE_CMD:
+                        self.issue_command(req)
+                    elif kind is _ISSUE_TIMEOUT:
+                        self._arm_timeout(req)
+                    elif kind is _ISSUE_CANCEL:
+                        self._async_cancel(req)
+                    else:
+                        raise AssertionError("a LINK_TIMEOUT is armed with its target only")
+                except Exception:
+                    self.port.log_error(
+                        "issue_failed", exc=True, op=req.opcode, user_data=req.user_data
+                    )
+                    if req.state is _INFLIGHT:
+                        self.finish(req, EIO, _COMPLETE)
         finally:
             self._issuing = False
-
-    def _issue_one(self, req: Req) -> None:
-        if req.state is not _PREPARED:
-            return  # completed meanwhile (a chain failed under it)
-        if self.closing and req.primary is None:
-            req.err = ECANCELED
-            if req.command:
-                self.fail_unissued_command(req, ECANCELED)
-            else:
-                self.finish(req, ECANCELED, _FAIL)
-            return
-        req.state = REQ_EDGES[req.state + _ISSUE]
-        self._inflight[req] = None
-        lt = req.lt
-        if lt is not None:
-            lt.state = REQ_EDGES[lt.state + _ISSUE]
-            self._inflight[lt] = None
-            lt.timer = self.port.arm_timer(lt.seconds, self._link_timeout_fired, lt)
-        kind = req.opdef.issue  # type: ignore[union-attr]
-        try:
-            if kind is _ISSUE_IO:
-                if req.issue_err:
-                    self.finish(req, req.issue_err, _COMPLETE)
-                elif req.fd < 0:
-                    self.finish(req, EBADF, _COMPLETE)
-                else:
-                    if not self.reg_kernel and req.opcode in _UNFIXED:
-                        req.opcode = _UNFIXED[req.opcode]  # same bytes, plain form
-                    self.port.start_io(req)
-            elif kind is _ISSUE_NOP:
-                self.finish(req, 0, _COMPLETE)
-            elif kind is _ISSUE_CMD:
-                self.issue_command(req)
-            elif kind is _ISSUE_TIMEOUT:
-                self._arm_timeout(req)
-            elif kind is _ISSUE_CANCEL:
-                self._async_cancel(req)
-            else:
-                raise AssertionError("a LINK_TIMEOUT is armed with its target, never issued")
-        except Exception:
-            self.port.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
-            if req.state is _INFLIGHT:
-                self.finish(req, EIO, _COMPLETE)
 
     def io_done(self, req: Req, res: int, flags: int) -> None:
         """A backend's completion of leaf op ``req`` (SEND_ZC: twice, MORE then NOTIF)."""
