@@ -25,7 +25,7 @@ from aiofused import (
 from aiofused._core.opdef import OPDEFS
 from aiofused._core.records import FUSED_TRANSITIONS as TRANSITIONS
 from aiofused._core.records import FusedState as State
-from aiofused.backends import BACKENDS, get_backend_class, select_backend
+from aiofused.backend import BACKENDS, get_backend_class, select_backend
 
 SPEC_NAMES = [
     "Ring",

@@ -1,25 +1,3 @@
-"""Backends execute plain I/O ops for a :class:`~aiofused.Ring`; see ``_base``."""
-
-from aiofused.backends._base import (
-    BACKENDS,
-    Backend,
-    BackendOp,
-    Completion,
-    IoOp,
-    ProbeResult,
-    available_backends,
-    get_backend_class,
-    select_backend,
-)
-
-__all__ = [
-    "BACKENDS",
-    "Backend",
-    "BackendOp",
-    "Completion",
-    "IoOp",
-    "ProbeResult",
-    "available_backends",
-    "get_backend_class",
-    "select_backend",
-]
+"""The backends that execute plain I/O ops for a :class:`~aiofused.Ring`: ``_uring`` (the
+kernel's io_uring through ctypes) and ``_asyncio``; the interface is ``_base``, and the
+public names are in :mod:`aiofused.backend`."""

@@ -42,7 +42,7 @@ __all__ = ["LeakError", "assert_no_leaks", "backend_params", "find_leaks", "uses
 
 MARKER = "aiofused"
 FIXTURES = frozenset({"ring", "ring_backend", "aiofused_loop_check"})
-_BACKEND_NAMES = ("uring", "asyncio")  # the order of aiofused.backends.BACKENDS
+_BACKEND_NAMES = ("uring", "asyncio")  # the order of aiofused.backend.BACKENDS
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -202,7 +202,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
 
 def backend_params() -> list[Any]:
     """``pytest.param`` per backend, the uring one skipped with the probe's reason."""
-    from aiofused.backends import available_backends
+    from aiofused.backend import available_backends
 
     params = []
     for probe in available_backends():
@@ -215,7 +215,7 @@ def backend_params() -> list[Any]:
 def ring_backend(request: pytest.FixtureRequest) -> str:
     """Name of the backend the test's ring uses (``uring`` skipped where refused)."""
     name: str = request.param
-    from aiofused.backends import get_backend_class
+    from aiofused.backend import get_backend_class
 
     try:
         probe = get_backend_class(name).probe()
