@@ -20,8 +20,9 @@ class Port(Protocol):
     """What the core needs from the world."""
 
     def start_io(self, req: Req) -> None:
-        """Begin leaf op ``req`` on a backend; report with ``core.io_done(req, res, flags)``
-        later, never from inside this call."""
+        """Begin leaf op ``req`` on a backend, setting ``req.backend`` and ``req.handle``
+        (what :meth:`cancel_io` needs); report with ``core.io_done(req, res, flags)`` or a
+        batch through ``core.io_batch`` later, never from inside this call."""
 
     def cancel_io(self, req: Req, on_result: Callable[[int], None]) -> None:
         """Ask the backend to cancel ``req``; ``on_result`` gets 0, -EALREADY or -ENOENT."""
