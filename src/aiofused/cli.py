@@ -41,15 +41,19 @@ The runtime imports no plugin: this module only knows the group.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiofused import BackendUnavailable, __version__
 from aiofused._args import ArgumentParser, CommandError, log_level_arg
-from aiofused._loop import loop_name, run_on_loop
+from aiofused._loop import run_on_loop
 from aiofused.driver import configure_logging
+
+if TYPE_CHECKING:
+    from aiofused.backend import ProbeResult
 
 __all__ = ["COMMANDS_ENTRY_POINT_GROUP", "build_parser", "main", "run_on_loop"]
 
@@ -60,25 +64,61 @@ COMMANDS_ENTRY_POINT_GROUP = "aiofused.commands"
 # ---- info ----------------------------------------------------------------------
 
 
+def _uvloop_installed() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _loop_line(kind: str) -> str:
+    """What ``--loop kind`` runs on, and why (the ``loop`` line of ``info``)."""
+    installed = _uvloop_installed()
+    if kind == "uvloop" and not installed:
+        raise CommandError("--loop uvloop: uvloop is not installed (pip install uvloop)")
+    if kind == "asyncio":
+        return "asyncio (--loop asyncio" + ("; uvloop installed too)" if installed else ")")
+    return "uvloop" if installed else "asyncio (uvloop not installed)"
+
+
+def _auto_line(probes: Sequence[ProbeResult]) -> str:
+    """What ``backend="auto"`` picks here, and why: the rule of
+    :func:`aiofused.backend.select_backend` (``AIOFUSED_BACKEND`` first, then uring
+    when the kernel takes it, else asyncio)."""
+    found = {p.name: p for p in probes}
+    env = os.environ.get("AIOFUSED_BACKEND", "") or "auto"
+    if env != "auto":
+        probe = found.get(env)
+        if probe is None:
+            valid = ", ".join((*found, "auto"))
+            return f"error (AIOFUSED_BACKEND={env!r} is not a backend: expected one of {valid})"
+        if not probe.available:
+            return f"{env} (AIOFUSED_BACKEND={env}), unavailable: {probe.reason}"
+        return f"{env} (AIOFUSED_BACKEND={env})"
+    uring = found.get("uring")
+    if uring is not None and uring.available:
+        return "uring"
+    return "asyncio (uring unavailable)"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from aiofused.backend import available_backends
     from aiofused.driver import available_drivers
 
-    loop = loop_name(args.loop)
+    loop = _loop_line(args.loop)
     print(f"aiofused {__version__}")
     print(f"python   {sys.version.split()[0]}")
-    print(f"loop     {loop}" + ("" if loop == "uvloop" else " (uvloop not installed)"))
+    print(f"loop     {loop}")
     print("backends:")
-    chosen = None
-    for probe in available_backends():
-        if probe.available and chosen is None:
-            chosen = probe.name
+    probes = available_backends()
+    for probe in probes:
         state = "available" if probe.available else f"unavailable: {probe.reason}"
         print(f"  {probe.name:8} {state}")
         if probe.available and probe.ops:
             ops = ", ".join(sorted(op.name for op in probe.ops))
             print(f"           opcodes: {ops}")
-    print(f"auto     -> {chosen}")
+    print(f"auto     -> {_auto_line(probes)}")
     print(f"drivers  {', '.join(available_drivers()) or 'none'}")
     return 0
 
