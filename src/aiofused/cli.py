@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = " ".join(["aiofused", args.command, *filter(None, [getattr(args, "nbd_command", "")])])
     try:
         rc: int = args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        sys.stderr.write(f"{prog}: interrupted\n")
         return 130
     except CommandError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")

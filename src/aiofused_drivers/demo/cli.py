@@ -16,12 +16,9 @@ from typing import Any
 from aiofused.backend import get_backend_class
 from aiofused.driver import CommandError, configure_logging, run_on_loop, size_arg
 
+from ._progress import Bar
+
 __all__ = ["add_parser", "run"]
-
-
-def _bar(label: str, done: int, total: int, width: int = 28) -> str:
-    filled = int(width * done / total) if total else width
-    return f"\r  {label:<22} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 async def _demo_fanout(ns: Sequence[int], backend: str, rounds: int, quick: bool) -> list[Any]:
@@ -33,17 +30,18 @@ async def _demo_fanout(ns: Sequence[int], backend: str, rounds: int, quick: bool
     print("its first byte). Fused: one primary, N concurrent SEND secondaries on the lent")
     print("buffer. Chain: the same N SENDs as an IO_LINK chain. Gather: plain asyncio.\n")
     total = len(ns)
-    for i, n in enumerate(ns):
-        out.write(_bar(f"N={n}", i, total))
-        out.flush()
-        res = await compare_fanout(
-            n,
-            rounds=rounds,
-            backend=backend,
-            chunk=128 * 1024 if quick else 256 * 1024,
-        )
-        results.append(res)
-    out.write(_bar("fan-out done", total, total) + "\n\n")
+    with Bar(out, "fan-out", total, plain_step=1) as bar:
+        for i, n in enumerate(ns):
+            bar.update(i, f"{i}/{total}", description=f"fan-out N={n}")
+            res = await compare_fanout(
+                n,
+                rounds=rounds,
+                backend=backend,
+                chunk=128 * 1024 if quick else 256 * 1024,
+            )
+            results.append(res)
+        bar.finish(f"{total}/{total}", description="fan-out done")
+    out.write("\n")
     print(
         f"  {'N':>3} {'fused ms':>9} {'chain ms':>9} {'gather ms':>10} {'chain/fused':>12}"
         f" {'fused/gather':>13}"

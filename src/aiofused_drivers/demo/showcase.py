@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 from aiofused_drivers.relay.proxy import Endpoint, ProxyConfig, ProxyServer
 
+from ._progress import Bar
+
 __all__ = ["run_proxy_showcase"]
 
 MiB = 1 << 20
@@ -25,8 +27,10 @@ MiB = 1 << 20
 # The helper: an upstream (answers the sha256 of what it read) and mirrors (report it),
 # then, once told the proxy's port, a client streaming ``size`` bytes through it.
 _HELPER = r"""
-import json, random, socket, sys, threading, time
+import json, random, signal, socket, sys, threading, time
 
+# Ctrl-C reaches the whole process group: the demo handles it and kills this helper.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 nmirrors = int(sys.argv[1])
 BLOCK = random.Random(20261124).randbytes(1 << 20)
 DOUBLE = BLOCK + BLOCK  # any window of <= 1 MiB of the stream is DOUBLE[pos:pos + k]
@@ -37,13 +41,16 @@ def sink(lsock, name, reply):
     buf = bytearray(1 << 20)
     mv = memoryview(buf)
     n, same = 0, True
-    while k := conn.recv_into(buf):
-        # Byte-for-byte check against the known stream (memcmp, no copy).
-        same = same and DOUBLE.startswith(mv[:k], n % len(BLOCK))
-        n += k
-    results[name] = {"bytes": n, "identical": same}
-    if reply:
-        conn.sendall(json.dumps(results[name]).encode())
+    try:
+        while k := conn.recv_into(buf):
+            # Byte-for-byte check against the known stream (memcmp, no copy).
+            same = same and DOUBLE.startswith(mv[:k], n % len(BLOCK))
+            n += k
+        results[name] = {"bytes": n, "identical": same}
+        if reply:
+            conn.sendall(json.dumps(results[name]).encode())
+    except OSError as exc:  # the proxy went away (the demo interrupted): report it
+        results[name] = {"bytes": n, "identical": False, "error": str(exc)}
     conn.close()
 
 servers = {"upstream": socket.create_server(("127.0.0.1", 0))}
@@ -58,18 +65,24 @@ for t in threads:
 sys.stdout.write(json.dumps({n: s.getsockname()[1] for n, s in servers.items()}) + "\n")
 sys.stdout.flush()
 
-port, size = map(int, sys.stdin.readline().split())
+line = sys.stdin.readline()
+if not line:  # the demo went away before the transfer
+    sys.exit(0)
+port, size = map(int, line.split())
 c = socket.create_connection(("127.0.0.1", port))
 t0 = time.perf_counter()
 view, sent = memoryview(BLOCK), 0
-while sent < size:
-    n = min(size - sent, 64 * 1024, len(BLOCK) - sent % len(BLOCK))
-    c.sendall(view[sent % len(BLOCK) : sent % len(BLOCK) + n])
-    sent += n
-c.shutdown(socket.SHUT_WR)
-reply = b""
-while chunk := c.recv(256):
-    reply += chunk
+try:
+    while sent < size:
+        n = min(size - sent, 64 * 1024, len(BLOCK) - sent % len(BLOCK))
+        c.sendall(view[sent % len(BLOCK) : sent % len(BLOCK) + n])
+        sent += n
+    c.shutdown(socket.SHUT_WR)
+    reply = b""
+    while chunk := c.recv(256):
+        reply += chunk
+except OSError:  # the proxy went away (the demo interrupted): nothing to report
+    sys.exit(1)
 seconds = time.perf_counter() - t0
 c.close()
 for t in threads:
@@ -84,13 +97,8 @@ def _emit(*parts: str, file: TextIO) -> None:
     file.write("".join(parts) + "\n")
 
 
-def _bar(done: int, total: int, rate: float, width: int = 30) -> str:
-    frac = min(1.0, done / total) if total else 1.0
-    filled = int(frac * width)
-    return (
-        f"\r  [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%  "
-        f"{done / MiB:7.1f} / {total / MiB:.0f} MiB  {rate / 1e6:7.0f} MB/s"
-    )
+def _note(done: int, total: int, rate: float) -> str:
+    return f"{done / MiB:7.1f} / {total / MiB:.0f} MiB  {rate / 1e6:7.0f} MB/s"
 
 
 def _cpu() -> float:
@@ -150,21 +158,24 @@ async def run_proxy_showcase(
             helper.stdin.write(f"{proxy.address[1]} {size}\n".encode())
             await helper.stdin.drain()
             result_line = asyncio.ensure_future(helper.stdout.readline())
-            while not result_line.done():
-                done = proxy.stats.bytes_upstream
-                elapsed = time.perf_counter() - t0
-                out.write(_bar(done, size, done / elapsed if elapsed else 0.0))
-                out.flush()
-                await asyncio.wait({result_line}, timeout=0.1)
-            report = json.loads(result_line.result())
-            async with asyncio.timeout(10):
-                while proxy.stats.connections_active:
-                    await asyncio.sleep(0.01)
-            cpu = _cpu() - cpu0
-            heap_peak = tracemalloc.get_traced_memory()[1] - heap0
-            if not tracing:
-                tracemalloc.stop()
-            out.write(_bar(size, size, size / report["seconds"]) + "\n")
+            with Bar(out, "proxy", size, plain_step=size / 4) as bar:
+                try:
+                    while not result_line.done():
+                        done = proxy.stats.bytes_upstream
+                        elapsed = time.perf_counter() - t0
+                        bar.update(done, _note(done, size, done / elapsed if elapsed else 0.0))
+                        await asyncio.wait({result_line}, timeout=0.1)
+                finally:
+                    result_line.cancel()
+                report = json.loads(result_line.result())
+                async with asyncio.timeout(10):
+                    while proxy.stats.connections_active:
+                        await asyncio.sleep(0.01)
+                cpu = _cpu() - cpu0
+                heap_peak = tracemalloc.get_traced_memory()[1] - heap0
+                if not tracing:
+                    tracemalloc.stop()
+                bar.finish(_note(size, size, size / report["seconds"]))
             stats = proxy.stats
             pool_ok = proxy.pool.available == proxy.pool.size
             copied = proxy.driver.copied_bytes
