@@ -86,7 +86,9 @@ class FusedCommands:
         def fail_one(self, m: Req, res: int, drop_cqe: bool) -> None: ...
         def cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None: ...
         def release_view(self, view: memoryview) -> bool: ...
-        def consume(self, sqe: Sqe, primary: Req | None = None, index: int = -1) -> Req: ...
+        def consume(
+            self, sqe: Sqe, after: Req | None = None, primary: Req | None = None, index: int = -1
+        ) -> Req: ...
         def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None: ...
 
     # ---- building a primary ----------------------------------------------------------
@@ -114,7 +116,7 @@ class FusedCommands:
         direction: BufDir | None = None
         secondaries = p.secondaries
         for k in range(take):
-            s = self.consume(sq[i + k], p, k)
+            s = self.consume(sq[i + k], None, p, k)
             secondaries.append(s)
             if err or p.err:
                 continue
@@ -222,6 +224,27 @@ class FusedCommands:
             if p.fstate is _DONE:
                 raise DriverError("cannot lend a buffer: the command already completed")
             raise DriverError(f"cannot lend a buffer in state {p.fstate.name.lower()}")
+        mv = self._lendable(p, buf)
+        self.views += 1
+        self.lent += 1
+        p.base = mv
+        p.callback = callback
+        fused_step(p, _FI.LEND)
+        secondaries = p.secondaries
+        p.secondary_results = [0] * len(secondaries)
+        p.outstanding = len(secondaries)
+        for s in secondaries:
+            if s is not None:
+                self._launch(p, s)
+        on_lent = p.on_lent
+        if on_lent is not None:
+            p.on_lent = None
+            on_lent()
+        if not p.outstanding and p.sealed:
+            self._returned(p)
+
+    def _lendable(self, p: Req, buf: Any) -> memoryview:
+        """The core's own flat byte view of ``buf`` for lending (DriverError if unfit)."""
         view = getattr(buf, "view", None)
         if type(view) is memoryview and hasattr(buf, "pool"):  # a BufferPool's buffer
             if buf.pool is self.reg_pool:
@@ -241,23 +264,7 @@ class FusedCommands:
         if p.buf_dir is _DEST and mv.readonly:
             mv.release()
             raise DriverError("secondaries write into this buffer (DEST): it must be writable")
-        self.views += 1
-        self.lent += 1
-        p.base = mv
-        p.callback = callback
-        fused_step(p, _FI.LEND)
-        secondaries = p.secondaries
-        p.secondary_results = [0] * len(secondaries)
-        p.outstanding = len(secondaries)
-        for s in secondaries:
-            if s is not None:
-                self._launch(p, s)
-        on_lent = p.on_lent
-        if on_lent is not None:
-            p.on_lent = None
-            on_lent()
-        if not p.outstanding and p.sealed:
-            self._returned(p)
+        return mv
 
     def cmd_done(self, p: Req, res: Any) -> None:
         """``io_uring_cmd_done``: post the primary's result (SPEC F9-F10)."""

@@ -143,6 +143,37 @@ def resolve_fd(core: RingCore, req: Req, fd: Any, flags: int) -> int:
     return 0
 
 
+def take_buffer(core: RingCore, req: Req, addr: Any, length: int, writable: bool) -> int:
+    """Hold ``addr`` as a byte memoryview of ``length``; 0 or the issue-time error."""
+    if length < 0:
+        return EINVAL
+    if type(addr) is bytearray and length == len(addr):  # the common case: no checks needed
+        req.buf = memoryview(addr)
+        core.views += 1
+        return 0
+    try:
+        mv = memoryview(addr)
+    except TypeError:
+        return EFAULT
+    if not mv.c_contiguous:
+        mv.release()
+        return EFAULT
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        flat = mv.cast("B")
+        mv.release()
+        mv = flat
+    if (writable and mv.readonly) or length > mv.nbytes:
+        mv.release()
+        return EFAULT
+    if length != mv.nbytes:
+        view = mv[:length]
+        mv.release()
+        mv = view
+    req.buf = mv
+    core.views += 1
+    return 0
+
+
 # ---- prep -----------------------------------------------------------------------------
 
 
@@ -189,34 +220,7 @@ def _prep_rw(core: RingCore, req: Req, sqe: Sqe) -> int:
     if isinstance(addr, int):
         req.issue_err = EFAULT  # SPEC R5: an int addr only means something in a secondary
         return 0
-    # Hold the buffer as a byte memoryview of length n (or say why not, at issue).
-    if type(addr) is bytearray and n == len(addr):  # the common case: no checks needed
-        req.buf = memoryview(addr)
-        core.views += 1
-        return 0
-    try:
-        mv = memoryview(addr)
-    except TypeError:
-        req.issue_err = EFAULT
-        return 0
-    if not mv.c_contiguous:
-        mv.release()
-        req.issue_err = EFAULT
-        return 0
-    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
-        flat = mv.cast("B")
-        mv.release()
-        mv = flat
-    if (mv.readonly and req.opdef.buf_dir is _DEST) or n > mv.nbytes:  # type: ignore[union-attr]
-        mv.release()
-        req.issue_err = EFAULT
-        return 0
-    if n != mv.nbytes:
-        view = mv[:n]
-        mv.release()
-        mv = view
-    req.buf = mv
-    core.views += 1
+    req.issue_err = take_buffer(core, req, addr, n, req.opdef.buf_dir is _DEST)  # type: ignore[union-attr]
     return 0
 
 

@@ -89,8 +89,7 @@ _FREE, _PREPARED, _INFLIGHT, _NOTIF, _DONE = _S.FREE, _S.PREPARED, _S.INFLIGHT, 
 _I = ReqInput
 _CONSUME, _ISSUE, _FAIL, _COMPLETE = _I.CONSUME, _I.ISSUE, _I.FAIL, _I.COMPLETE
 _RESULT, _NOTIF_IN, _RECYCLE = _I.RESULT, _I.NOTIF, _I.RECYCLE
-_ISSUE_IO, _ISSUE_NOP, _ISSUE_CMD = Issue.IO, Issue.NOP, Issue.COMMAND
-_ISSUE_TIMEOUT, _ISSUE_CANCEL = Issue.TIMEOUT, Issue.CANCEL
+_ISSUE_IO, _ISSUE_CMD = Issue.IO, Issue.COMMAND
 _ZC = UringEnc.ZC
 _opdefs_get = OPDEFS.get
 _tuple_new = tuple.__new__
@@ -151,6 +150,17 @@ class RingCore(FusedCommands):
         self._count_timeouts: list[tuple[int, int, Req]] = []
         self._tseq = itertools.count()
         self._free: list[Req] = []
+        #: How each Issue kind of the op table starts a request.
+        self._issuers: dict[Issue, Callable[[Req], None]] = {
+            Issue.IO: self._issue_io,
+            Issue.NOP: self._issue_nop,
+            Issue.COMMAND: self.issue_command,
+            Issue.TIMEOUT: self._arm_timeout,
+            Issue.CANCEL: self._async_cancel,
+            Issue.LINK_TIMEOUT: self._issue_link_timeout,
+        }
+        if set(self._issuers) != set(Issue):
+            raise AssertionError("every Issue kind needs an issuer")
         #: Memoryviews the core made and has not released; buffers lent right now.
         self.views = 0
         self.lent = 0
@@ -197,13 +207,11 @@ class RingCore(FusedCommands):
                 # A plain standalone NOP: nothing to check or track, its CQE at once.
                 self._post_cqe(sqe.user_data, 0, 0)
                 continue
-            req = self.consume(sqe)
+            req = self.consume(sqe, chain[-1] if chain is not None else None)
             if req.command and req.is_fused:
                 i = self.take_secondaries(req, sq, i, n, int(sqe.nr_secondary))
             linked = req.flags & _LINK_FLAGS
             if chain is None:
-                if req.opcode == _OP_LINK_TIMEOUT and not req.err:
-                    req.err = EINVAL  # a LINK_TIMEOUT must follow a linked request
                 if linked:
                     chain, chain_failed = [req], bool(req.err)
                 elif req.err:
@@ -212,30 +220,26 @@ class RingCore(FusedCommands):
                 else:
                     self._start_single(req)
                 continue
-            if (
-                req.opcode == _OP_LINK_TIMEOUT
-                and not req.err
-                and chain[-1].opcode == _OP_LINK_TIMEOUT
-            ):
-                req.err = EINVAL
             chain.append(req)
             chain_failed = chain_failed or bool(req.err)
             if linked:
                 continue
             unit, chain = chain, None
-            if chain_failed:
-                self._fail_unit(unit)
-                if req.err:
-                    break  # the kernel stops only if the failing SQE ends the chain
-            else:
-                self._start_unit(unit)
+            if self._end_chain(unit, chain_failed):
+                break  # the kernel stops only if the failing SQE ends the chain
         if chain is not None:  # SPEC L1: the last SQE ends the chain
-            if chain_failed:
-                self._fail_unit(chain)
-            else:
-                self._start_unit(chain)
+            self._end_chain(chain, chain_failed)
         del sq[:i]
         return i
+
+    def _end_chain(self, chain: list[Req], failed: bool) -> bool:
+        """Start a complete chain, or fail it (SPEC L3); True if its last SQE failed init,
+        which stops ``submit`` (SPEC R4)."""
+        if not failed:
+            self._start_unit(chain)
+            return False
+        self._fail_unit(chain)
+        return bool(chain[-1].err)
 
     # ---- CQ ----------------------------------------------------------------------------
 
@@ -367,9 +371,13 @@ class RingCore(FusedCommands):
         req.command = False
         return req
 
-    def consume(self, sqe: Sqe, primary: Req | None = None, index: int = -1) -> Req:
-        """Copy ``sqe`` into a record and run its init checks (SPEC R3); with ``primary``,
-        as that primary's secondary ``index`` (whose checks take_secondaries completes)."""
+    def consume(
+        self, sqe: Sqe, after: Req | None = None, primary: Req | None = None, index: int = -1
+    ) -> Req:
+        """Copy ``sqe`` into a record and run its init checks (SPEC R3).  ``after``: the
+        request it is linked after, if any (a LINK_TIMEOUT needs one that is not itself a
+        LINK_TIMEOUT); with ``primary``: as that primary's secondary ``index`` (whose
+        checks take_secondaries completes)."""
         flags = sqe.flags
         if type(flags) is not int:  # user code may have made it an IntFlag
             flags = int(flags)
@@ -388,6 +396,13 @@ class RingCore(FusedCommands):
             req.err = opdef.prep(self, req, sqe)
         if req.err and opdef is not None and opdef.issue is _ISSUE_CMD and not req.command:
             self.init_command(req, 0, b"", opdef.op is Op.FUSED_CMD)
+        elif (
+            req.opcode == _OP_LINK_TIMEOUT
+            and not req.err
+            and primary is None
+            and (after is None or after.opcode == _OP_LINK_TIMEOUT)
+        ):
+            req.err = EINVAL  # a LINK_TIMEOUT must follow a linked request
         sqe.fd = -1  # the slot keeps no reference to the caller's objects
         sqe.addr = 0
         return req
@@ -483,52 +498,47 @@ class RingCore(FusedCommands):
         self._issuing = True
         try:
             while ready:
-                req = ready.popleft()
-                if req.state is not _PREPARED:
-                    continue  # completed meanwhile (a chain failed under it)
-                if self.closing and req.primary is None:
-                    req.err = ECANCELED
-                    if req.command:
-                        self.fail_unissued_command(req, ECANCELED)
-                    else:
-                        self.finish(req, ECANCELED, _FAIL)
-                    continue
-                req.state = REQ_EDGES[req.state + _ISSUE]
-                self._inflight[req] = None
-                lt = req.lt
-                if lt is not None:
-                    lt.state = REQ_EDGES[lt.state + _ISSUE]
-                    self._inflight[lt] = None
-                    lt.timer = self.port.arm_timer(lt.seconds, self._link_timeout_fired, lt)
-                kind = req.opdef.issue  # type: ignore[union-attr]
-                try:
-                    if kind is _ISSUE_IO:
-                        if req.issue_err:
-                            self.finish(req, req.issue_err, _COMPLETE)
-                        elif req.fd < 0:
-                            self.finish(req, EBADF, _COMPLETE)
-                        else:
-                            if not self.reg_kernel and req.opcode in _UNFIXED:
-                                req.opcode = _UNFIXED[req.opcode]  # same bytes, plain form
-                            self.port.start_io(req)
-                    elif kind is _ISSUE_NOP:
-                        self.finish(req, 0, _COMPLETE)
-                    elif kind is _ISSUE_CMD:
-                        self.issue_command(req)
-                    elif kind is _ISSUE_TIMEOUT:
-                        self._arm_timeout(req)
-                    elif kind is _ISSUE_CANCEL:
-                        self._async_cancel(req)
-                    else:
-                        raise AssertionError("a LINK_TIMEOUT is armed with its target only")
-                except Exception:
-                    self.port.log_error(
-                        "issue_failed", exc=True, op=req.opcode, user_data=req.user_data
-                    )
-                    if req.state is _INFLIGHT:
-                        self.finish(req, EIO, _COMPLETE)
+                self._issue_one(ready.popleft())
         finally:
             self._issuing = False
+
+    def _issue_one(self, req: Req) -> None:
+        if req.state is not _PREPARED:
+            return  # completed meanwhile (a chain failed under it)
+        if self.closing and req.primary is None:
+            req.err = ECANCELED
+            self.fail_one(req, ECANCELED, False)
+            return
+        req.state = REQ_EDGES[req.state + _ISSUE]
+        self._inflight[req] = None
+        lt = req.lt
+        if lt is not None:
+            lt.state = REQ_EDGES[lt.state + _ISSUE]
+            self._inflight[lt] = None
+            lt.timer = self.port.arm_timer(lt.seconds, self._link_timeout_fired, lt)
+        try:
+            self._issuers[req.opdef.issue](req)  # type: ignore[union-attr]
+        except Exception:
+            self.port.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
+            if req.state is _INFLIGHT:
+                self.finish(req, EIO, _COMPLETE)
+
+    def _issue_io(self, req: Req) -> None:
+        if req.issue_err:
+            self.finish(req, req.issue_err, _COMPLETE)
+        elif req.fd < 0:
+            self.finish(req, EBADF, _COMPLETE)
+        else:
+            if not self.reg_kernel and req.opcode in _UNFIXED:
+                req.opcode = _UNFIXED[req.opcode]  # same bytes, plain form
+            self.port.start_io(req)
+
+    def _issue_nop(self, req: Req) -> None:
+        self.finish(req, 0, _COMPLETE)
+
+    @staticmethod
+    def _issue_link_timeout(req: Req) -> None:
+        raise AssertionError("a LINK_TIMEOUT is armed with its target, never issued")
 
     def io_done(self, req: Req, res: int, flags: int) -> None:
         """A backend's completion of leaf op ``req`` (SEND_ZC: twice, MORE then NOTIF)."""
