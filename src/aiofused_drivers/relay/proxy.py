@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -54,7 +55,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiofused import BufDir, DriverFile, Ring, SetupFlag
 from aiofused.backend import get_backend_class
@@ -63,6 +64,7 @@ from aiofused.driver import (
     CommandError,
     configure_logging,
     get_logger,
+    host_port_arg,
     int_arg,
     log_level_arg,
     parse_host_port,
@@ -70,8 +72,12 @@ from aiofused.driver import (
 )
 from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
 
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
 __all__ = [
     "Endpoint",
+    "MirrorStats",
     "ProxyConfig",
     "ProxyServer",
     "ProxyStats",
@@ -160,6 +166,8 @@ class ProxyConfig:
     backend: str = "auto"
     loop: str = "auto"
     backlog: int = 1024
+    #: ``(host, port)`` of the Prometheus endpoint (``--metrics``), or None.
+    metrics: tuple[str, int] | None = None
 
     @property
     def effective_pool_size(self) -> int:
@@ -191,6 +199,11 @@ class ProxyConfig:
             )
         if self.idle_timeout <= 0:
             raise ValueError("--idle-timeout must be positive")
+        if self.metrics is not None and self.workers > 1:
+            raise ValueError(
+                f"--metrics with --workers {self.workers}: each worker counts on its own; "
+                "use --workers 1"
+            )
 
 
 @dataclasses.dataclass(slots=True)
@@ -211,6 +224,16 @@ class ProxyStats:
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(slots=True)
+class MirrorStats:
+    """Counters of one ``--mirror`` (all its connections in this process)."""
+
+    sends: int = 0
+    bytes: int = 0
+    dropped_bytes: int = 0
+    failures: int = 0
 
 
 # ---- sockets -------------------------------------------------------------------------
@@ -315,11 +338,24 @@ class _Mirror:
     connection a reference cycle, left for the cyclic GC.
     """
 
-    __slots__ = ("busy", "conn_id", "endpoint", "failed", "sock", "stats", "task", "transport")
+    __slots__ = (
+        "busy",
+        "conn_id",
+        "endpoint",
+        "failed",
+        "mstats",
+        "sock",
+        "stats",
+        "task",
+        "transport",
+    )
 
-    def __init__(self, conn_id: int, stats: ProxyStats, endpoint: Endpoint) -> None:
+    def __init__(
+        self, conn_id: int, stats: ProxyStats, endpoint: Endpoint, mstats: MirrorStats
+    ) -> None:
         self.conn_id = conn_id
         self.stats = stats
+        self.mstats = mstats
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.transport: asyncio.BaseTransport | None = None
@@ -349,6 +385,7 @@ class _Mirror:
             return
         self.failed = True
         self.stats.mirror_failures += 1
+        self.mstats.failures += 1
         log.warning(
             "mirror_cut",
             conn=self.conn_id,
@@ -441,6 +478,8 @@ class ProxyServer:
         config.validate()
         self.config = config
         self.stats = ProxyStats()
+        #: Per ``--mirror`` (by its address).
+        self.mirror_stats = {str(ep): MirrorStats() for ep in config.mirrors}
         self._listen_sock = sock
         self._ring: Ring | None = None
         self._driver: RelayDriver | None = None
@@ -472,6 +511,62 @@ class ProxyServer:
     def pool(self) -> RelayPool:
         """The relay driver's bounded buffer pool."""
         return self.driver.pool
+
+    def ring_statistics(self) -> dict[str, int | str] | None:
+        """The ring's :meth:`~aiofused.Ring.statistics` (None before start / after close)."""
+        return self._ring.statistics() if self._ring is not None else None
+
+    def metric_families(self) -> list[Metric]:
+        """The Prometheus metric families of this process (``--metrics``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from aiofused_drivers._metrics import ring_families
+
+        st, up = self.stats, str(self.config.upstream)
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(f"aiofused_proxy_{name}", doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"aiofused_proxy_{name}", doc, labels=labels)
+
+        conns = counter("connections", "client connections", ["upstream"])
+        conns.add_metric([up], st.connections_total)
+        active = gauge("connections_in_flight", "connections open now", ["upstream"])
+        active.add_metric([up], st.connections_active)
+        chunks = counter("requests", "fused commands (one per chunk relayed)", ["upstream"])
+        chunks.add_metric([up], st.chunks)
+        nbytes = counter("bytes", "bytes relayed", ["upstream", "direction"])
+        nbytes.add_metric([up, "up"], st.bytes_upstream)
+        nbytes.add_metric([up, "down"], st.bytes_downstream)
+        errors = counter("errors", "failures by kind", ["upstream", "kind"])
+        errors.add_metric([up, "connect_failed"], st.upstream_failures)
+        errors.add_metric([up, "reset"], st.resets)
+        errors.add_metric([up, "idle_timeout"], st.idle_timeouts)
+        families: list[Metric] = [conns, active, chunks, nbytes, errors]
+        live: collections.Counter[str] = collections.Counter(
+            str(m.endpoint) for c in self._conns.values() for m in c.mirrors if m.live
+        )
+        m_sends = counter("mirror_requests", "sends to a mirror", ["mirror"])
+        m_bytes = counter("mirror_bytes", "bytes sent to a mirror", ["mirror"])
+        m_drop = counter("mirror_dropped_bytes", "bytes a mirror missed", ["mirror"])
+        m_err = counter("mirror_errors", "mirror cuts", ["mirror"])
+        m_live = gauge("mirror_connections_in_flight", "mirror connections open", ["mirror"])
+        for name, ms in self.mirror_stats.items():
+            m_sends.add_metric([name], ms.sends)
+            m_bytes.add_metric([name], ms.bytes)
+            m_drop.add_metric([name], ms.dropped_bytes)
+            m_err.add_metric([name], ms.failures)
+            m_live.add_metric([name], live[name])
+        families += [m_sends, m_bytes, m_drop, m_err, m_live]
+        if self._driver is not None:
+            pool = self._driver.pool
+            lent = gauge("buffers_lent", "pool buffers lent now", [])
+            lent.add_metric([], pool.size - pool.available)
+            size = gauge("buffers", "pool buffers in all", [])
+            size.add_metric([], pool.size)
+            families += [lent, size]
+        return families + ring_families("aiofused_proxy", self.ring_statistics())
 
     @property
     def backend(self) -> str:
@@ -597,7 +692,9 @@ class ProxyServer:
             client_sock.setblocking(False)
             if client_sock.family != socket.AF_UNIX:
                 client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.mirrors = [_Mirror(conn.id, stats, ep) for ep in cfg.mirrors]
+            conn.mirrors = [
+                _Mirror(conn.id, stats, ep, self.mirror_stats[str(ep)]) for ep in cfg.mirrors
+            ]
             for m in conn.mirrors:
                 m.task = asyncio.create_task(self._connect_mirror(m))
             try:
@@ -782,6 +879,7 @@ class ProxyServer:
                 side.append((m, asyncio.ensure_future(_mirror_send(lease, m.sock, n, grace))))
             else:
                 stats.mirror_dropped_bytes += n
+                m.mstats.dropped_bytes += n
         try:
             await _send_all(lease, dst, n)
         finally:
@@ -811,8 +909,11 @@ class ProxyServer:
             exc = None if task.cancelled() else task.exception()
             sent = task.result() if not task.cancelled() and exc is None else 0
             stats.mirror_bytes += sent
+            m.mstats.sends += 1
+            m.mstats.bytes += sent
             if sent < n:
                 stats.mirror_dropped_bytes += n - sent
+                m.mstats.dropped_bytes += n - sent
                 if exc is not None:
                     m.fail("send_failed", exc)
                 elif not m.failed:
@@ -867,7 +968,18 @@ def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 async def _serve_until_signalled(config: ProxyConfig, sock: socket.socket | None) -> int:
     loop = asyncio.get_running_loop()
     server = ProxyServer(config, sock=sock)
-    await server.start()
+    metrics = None
+    if config.metrics is not None:
+        from aiofused_drivers._metrics import MetricsServer
+
+        metrics = MetricsServer(*config.metrics, server.metric_families)
+        await metrics.start()
+    try:
+        await server.start()
+    except BaseException:
+        if metrics is not None:
+            await metrics.aclose()
+        raise
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -892,6 +1004,8 @@ async def _serve_until_signalled(config: ProxyConfig, sock: socket.socket | None
         for task in list(server._conn_tasks):
             task.cancel()
     await closing
+    if metrics is not None:
+        await metrics.aclose()
     forced.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await forced
@@ -1090,6 +1204,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="event loop"
     )
+    p.add_argument(
+        "--metrics",
+        type=host_port_arg,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs --workers 1)",
+    )
     # SUPPRESS: a --log-format/--log-level given to the main parser is not overwritten.
     p.add_argument(
         "--log-format",
@@ -1131,6 +1252,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         shutdown_timeout=args.shutdown_timeout,
         backend=args.backend,
         loop=args.loop,
+        metrics=args.metrics,
     )
 
 

@@ -41,7 +41,7 @@ from ._dispatch import recv_connections, report_ended
 from ._reqbuf import ReqBuf, RequestBuffers
 from ._targets import Target
 
-__all__ = ["Export", "NbdServer"]
+__all__ = ["Export", "ExportStats", "NbdServer"]
 
 log = get_logger(__name__)
 
@@ -63,7 +63,20 @@ _REQ_ONE: Final = int(P.CmdFlag.REQ_ONE)
 _READ: Final = int(P.Cmd.READ)
 _WRITE: Final = int(P.Cmd.WRITE)
 _IO_READ: Final = int(IoOp.READ)
+_IO_WRITE: Final = int(IoOp.WRITE)
 _STAT_KEYS: Final = {int(c): f"cmd{int(c)}" for c in P.Cmd}
+
+
+class ExportStats:
+    """Counters of one export (all its connections in this process), for ``--metrics``."""
+
+    __slots__ = ("errors", "read_bytes", "requests", "write_bytes")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.read_bytes = 0
+        self.write_bytes = 0
 
 
 class Export:
@@ -82,6 +95,7 @@ class Export:
         self.target = target
         self.read_only = read_only or target.read_only
         self.description = description or target.describe()
+        self.stats = ExportStats()
         flags = (
             P.TxFlag.HAS_FLAGS | P.TxFlag.SEND_FLUSH | P.TxFlag.SEND_FUA | P.TxFlag.CAN_MULTI_CONN
         )
@@ -275,6 +289,7 @@ class Connection:
         self._ro = False
         self._driver: UblkDriver | None = None
         self._target: Target | None = None
+        self._xstats = ExportStats()  # the export's, once chosen
         self._q_id = conn_id
         # receive state
         self._rbuf = bytearray(_RBUF_SIZE)
@@ -361,6 +376,7 @@ class Connection:
         self._ro = exp.read_only
         self._driver = exp.driver
         self._target = exp.target
+        self._xstats = exp.stats
         self._q_id = self.id % exp.driver.nr_queues
         self.log = self.log.bind(export=exp.name)
         self.log.info(
@@ -532,6 +548,7 @@ class Connection:
         size = self._size
         align = self._align - 1
         self.server.stats[_STAT_KEYS.get(typ) or f"cmd{typ}"] += 1
+        self._xstats.requests += 1
         if flags & ~_KNOWN_FLAGS:
             self._error(cookie, _EINVAL, discard=length if typ == _WRITE else 0)
             return
@@ -634,6 +651,7 @@ class Connection:
 
     def _error(self, cookie: int, err: int, discard: int = 0) -> None:
         self.server.stats["errors"] += 1
+        self._xstats.errors += 1
         if discard:
             if discard > P.MAX_PAYLOAD:
                 self._close("oversized request")
@@ -654,7 +672,9 @@ class Connection:
                 self.server.buffers.release(rb)
             return
         is_read = req.op == _IO_READ
+        xstats = self._xstats
         if res < 0 or (is_read and res != req.length):
+            xstats.errors += 1
             err = P.nbd_error(res if res < 0 else -errno.EIO)
             if rb is not None:
                 self.server.buffers.release(rb)
@@ -663,12 +683,15 @@ class Connection:
             else:
                 self._queue_out(P.simple_reply(cookie, err), None)
         elif is_read:
+            xstats.read_bytes += req.length
             if self._structured:
                 self._out.append((P.read_reply_header(cookie, req.offset, req.length), None))
             else:
                 self._out.append((P.simple_reply(cookie), None))
             self._queue_out(rb.view, rb)
         else:
+            if req.op == _IO_WRITE:
+                xstats.write_bytes += req.length
             if rb is not None:
                 self.server.buffers.release(rb)
             self._queue_out(P.simple_reply(cookie), None)

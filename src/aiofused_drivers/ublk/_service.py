@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import socket
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from aiofused import Ring, SetupFlag
 from aiofused.driver import BufferPool, get_logger
@@ -16,6 +18,9 @@ from ._nbd import Export, NbdServer, export_from_spec
 from ._reqbuf import RequestBuffers
 from ._server import RingHost, UblkServer
 from ._targets import Target, make_target
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 __all__ = ["BlockService", "ExportSpec", "parse_export"]
 
@@ -180,6 +185,40 @@ class BlockService:
             except RuntimeError as e:  # a buffer still out: keep the mapping alive
                 log.error("ublk.pool_close_failed", error=str(e))
             self.pool = None
+
+    def metric_families(self) -> list[Metric]:
+        """The Prometheus metric families of this process (``--metrics``), per export."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from aiofused_drivers._metrics import ring_families
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(f"aiofused_nbd_{name}", doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"aiofused_nbd_{name}", doc, labels=labels)
+
+        requests = counter("requests", "NBD requests", ["export"])
+        nbytes = counter("bytes", "bytes read or written", ["export", "direction"])
+        errors = counter("errors", "requests answered with an error", ["export"])
+        in_flight = gauge("in_flight", "requests queued to the device now", ["export"])
+        lent = gauge("buffers_lent", "request buffers lent by fused commands now", ["export"])
+        conns = gauge("connections", "clients connected now", ["export"])
+        per_export = collections.Counter(
+            c.export.name for c in (self._nbd.connections if self._nbd else ()) if c.export
+        )
+        for exp in self.exports:
+            st = exp.stats
+            requests.add_metric([exp.name], st.requests)
+            nbytes.add_metric([exp.name, "read"], st.read_bytes)
+            nbytes.add_metric([exp.name, "write"], st.write_bytes)
+            errors.add_metric([exp.name], st.errors)
+            in_flight.add_metric([exp.name], exp.driver.inflight)
+            lent.add_metric([exp.name], exp.driver.lent)
+            conns.add_metric([exp.name], per_export[exp.name])
+        families: list[Metric] = [requests, nbytes, errors, in_flight, lent, conns]
+        stats = self.ring.statistics() if self.ring is not None else None
+        return families + ring_families("aiofused_nbd", stats)
 
     def leaks(self) -> dict[str, int]:
         """Counters that must be 0 once the clients are gone (for tests)."""

@@ -117,6 +117,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument(
         "--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="event loop"
     )
+    serve.add_argument(
+        "--metrics",
+        type=host_port_arg,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs --workers 1)",
+    )
     # dest of their own: the options given before the subcommand are not overwritten.
     serve.add_argument(
         "--log-level",
@@ -219,6 +226,12 @@ def run(args: argparse.Namespace) -> int:
             seen.add(spec.name)
     except ValueError as e:
         raise CommandError(str(e), status=2) from None
+    if args.workers > 1 and getattr(args, "metrics", None) is not None:
+        raise CommandError(
+            f"--metrics with --workers {args.workers}: each worker counts on its own; "
+            "use --workers 1",
+            status=2,
+        )
     if args.workers > 1:
         single = [s.name for s in specs if s.target.partition(":")[0] in _SINGLE_PROCESS]
         if single:
@@ -298,6 +311,13 @@ async def _serve(
             socket_buffer=args.socket_buffer,
         )
         async with service:
+            metrics = None
+            if getattr(args, "metrics", None) is not None:
+                from aiofused_drivers._metrics import MetricsServer
+
+                host, port = args.metrics
+                metrics = MetricsServer(host, port, service.metric_families)
+                await metrics.start()
             if passed:
                 service.serve_channel(source)
             else:
@@ -311,6 +331,8 @@ async def _serve(
             )
             await stop.wait()
             log.info("nbd.shutting_down", connections=len(service.nbd.connections))
+            if metrics is not None:
+                await metrics.aclose()
     except (OSError, ValueError) as e:
         log.error("nbd.start_failed", error=str(e))
         source.close()
