@@ -5,7 +5,7 @@ The await points of a lease are: entering (waiting for the driver to lend), each
 secondary (waiting for its CQE), and leaving (waiting for the primary's completion).
 A task can also be cancelled before it ever ran (nothing submitted yet), and after a
 secondary's CQE was delivered but before its waiter resumed.  Twins in
-``tests/test_lease.py`` reach these points with ``asyncio.sleep``; here the fake holds
+``tests/e2e/test_lease.py`` reach these points with ``asyncio.sleep``; here the fake holds
 each secondary until the test completes it, and a driver below lends only when told.
 """
 

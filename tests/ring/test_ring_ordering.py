@@ -1,6 +1,6 @@
 """The public Ring over the deterministic FakeBackend: orderings without sleeps.
 
-Each test here has a twin in ``tests/test_conformance.py`` that needs
+Each test here has a twin in ``tests/e2e/test_conformance.py`` that needs
 ``asyncio.sleep`` to let an op park or data arrive; over the fake an op completes only
 when the test calls ``fake.complete``, so the order is the test's and every CQE list is
 exact.  Plain ops take ints as fds: the fake never touches a descriptor.

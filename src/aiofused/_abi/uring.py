@@ -1,7 +1,7 @@
 """The kernel io_uring ABI, spelled as ``include/uapi/linux/io_uring.h`` spells it.
 
 Everything the uring backend needs from the kernel lives here: the structs (as
-``ctypes`` structures, with their sizes asserted in ``tests/test_uring_abi.py``),
+``ctypes`` structures, with their sizes asserted in ``tests/e2e/test_uring_abi.py``),
 the ``IORING_*`` constants, the three syscalls, and the mmap of the SQ ring, the
 CQ ring and the SQE array.  Nothing here knows about asyncio.
 
