@@ -133,7 +133,7 @@ def test_a_private_secondary_held_by_its_awaiter_is_not_reused(gc_off: None) -> 
     assert other is not s
     core.add_secondary(p, other)
     answers: list[int] = []
-    core.cancel(s, answers.append)  # late: s already finished
+    core.cancel_req(s, answers.append)  # late: s already finished
     assert answers == [ENOENT]  # and nothing was asked of the port
     assert not port.cancels
     port.complete(port.pending[0], 16)

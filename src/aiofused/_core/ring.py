@@ -47,6 +47,7 @@ from aiofused._abi import (
     EOPNOTSUPP,
     ETIME,
     IORING_ASYNC_CANCEL_ALL,
+    MAX_CMD_BYTES,
     SQE_VALID_FLAGS,
     CqeFlag,
     Feature,
@@ -78,7 +79,6 @@ _CHECKED_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | Sq
 _CQE_MORE = int(CqeFlag.MORE)
 _CQE_NOTIF = int(CqeFlag.NOTIF)
 _OP_NOP = int(Op.NOP)
-_OP_FUSED_CMD = int(Op.FUSED_CMD)
 _OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
 _OP_TIMEOUT = int(Op.TIMEOUT)
 _OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
@@ -159,7 +159,8 @@ class RingCore(FusedCommands):
         self._batch_task_work = False
         self._task_work: list[tuple[Callable[[Any], None], Any]] = []
         self.live = 0
-        self._deferred: collections.deque[tuple[list[Req], int, bool]] = collections.deque()
+        #: Units waiting behind a drain: (head, requests it stands for, drains).
+        self._deferred: collections.deque[tuple[Req, int, bool]] = collections.deque()
         self._barrier = False
         self._skip_seen = False
         self._cqe_seq = 0
@@ -234,7 +235,7 @@ class RingCore(FusedCommands):
                     self._fail_unit([req])
                     break  # SPEC R4
                 else:
-                    self._start_single(req)
+                    self._start(req, self._count(req), bool(req.flags & _F_DRAIN))
                 continue
             chain.append(req)
             chain_failed = chain_failed or bool(req.err)
@@ -317,7 +318,7 @@ class RingCore(FusedCommands):
         req = self._new(0, int(Op.FUSED_CMD), 0, OPDEFS[Op.FUSED_CMD])
         req.on_cqe = on_cqe
         self.init_command(req, cmd_op, cmd, True)
-        if not self.fused_ok or len(cmd) > 80:
+        if not self.fused_ok or len(cmd) > MAX_CMD_BYTES:
             req.err = EINVAL
         resolve_fd(self, req, driver_file, 0)
         req.sealed = False
@@ -355,10 +356,6 @@ class RingCore(FusedCommands):
         s.rw_flags = flags = flags if type(flags) is int else int(flags)  # MSG_* are IntFlags
         s.want = link_threshold(OPDEFS[op], flags, nbytes)
         return s
-
-    def cancel(self, req: Req, on_result: Callable[[int], None]) -> None:
-        """Request cancellation of ``req`` (a private request)."""
-        self.cancel_req(req, on_result)
 
     # ---- init --------------------------------------------------------------------------
 
@@ -445,7 +442,7 @@ class RingCore(FusedCommands):
         prev: Req | None = None
         count = 0
         for r in reqs:
-            count += 1 + len(r.secondaries) if r.command else 1
+            count += RingCore._count(r)
             if r.opcode == _OP_LINK_TIMEOUT and prev is not None and prev.lt is None:
                 # (A second LINK_TIMEOUT in a row failed init with -EINVAL: it stays an
                 # ordinary member, so the failed chain completes it with its errno.)
@@ -457,51 +454,49 @@ class RingCore(FusedCommands):
             prev = r
         return count
 
-    def _start_single(self, req: Req) -> None:
-        drain = req.flags & _F_DRAIN
-        if self._deferred or self._barrier or (drain and self.live):
-            self._start_unit([req])
-            return
-        self.live += 1 + len(req.secondaries) if req.command else 1
-        if drain:
-            self._barrier = True
-        self.issue(req)
+    @staticmethod
+    def _count(req: Req) -> int:
+        """Requests a unit member stands for in ``live`` (a primary: with its secondaries)."""
+        return 1 + len(req.secondaries) if req.command else 1
 
     def _start_unit(self, reqs: list[Req]) -> None:
-        count = self._link_unit(reqs)
-        drain = any(r.flags & _F_DRAIN for r in reqs)
-        if self._deferred or self._barrier or (drain and self.live):
-            self._deferred.append((reqs, count, drain))
-            return
-        self._release_unit(reqs, count, drain)
+        """A chain (or a standalone request) without init errors."""
+        if len(reqs) == 1:
+            head = reqs[0]
+            self._start(head, self._count(head), bool(head.flags & _F_DRAIN))
+        else:
+            self._start(reqs[0], self._link_unit(reqs), any(r.flags & _F_DRAIN for r in reqs))
 
-    def _release_unit(self, reqs: list[Req], count: int, drain: bool) -> None:
+    def _start(self, head: Req, count: int, drain: bool) -> None:
+        """Release a unit now, or queue it behind the drain barrier (SPEC L5)."""
+        if self._deferred or self._barrier or (drain and self.live):
+            self._deferred.append((head, count, drain))
+        else:
+            self._release_unit(head, count, drain)
+
+    def _release_unit(self, head: Req, count: int, drain: bool) -> None:
         self.live += count
         if drain:
             self._barrier = True
-        self.issue(reqs[0])
+        self.issue(head)
 
     def _release_deferred(self) -> None:
-        while self._deferred and not self._barrier:
-            reqs, count, drain = self._deferred[0]
+        deferred = self._deferred
+        while deferred and not self._barrier:
+            head, count, drain = deferred[0]
             if drain and self.live:
                 return
-            self._deferred.popleft()
-            self._release_unit(reqs, count, drain)
+            deferred.popleft()
+            self._release_unit(head, count, drain)
 
     def _fail_unit(self, reqs: list[Req]) -> None:
-        """A chain (or standalone request) with an init error (SPEC L3, F-rules)."""
+        """A chain (or standalone request) with an init error (SPEC L3, F-rules): its head
+        fails, then (through the links) the rest; a submission failure severs even an
+        IO_HARDLINK (io_queue_sqe_fallback)."""
         self.live += self._link_unit(reqs)
-        self._fail_chain_not_issued(reqs[0], ECANCELED)
-
-    def _fail_chain_not_issued(self, head: Req, head_res: int) -> None:
-        """Complete a chain that never started: its head, then (through the links) the
-        rest.  A submission failure severs even an IO_HARDLINK (io_queue_sqe_fallback)."""
-        head.err = head.err or head_res
-        if head.command:
-            self.fail_unissued_command(head, head.err)
-        else:
-            self.finish(head, head.err, _FAIL)
+        head = reqs[0]
+        head.err = head.err or ECANCELED
+        self.fail_one(head, head.err, False)
 
     # ---- issue -------------------------------------------------------------------------
 
@@ -712,9 +707,10 @@ class RingCore(FusedCommands):
         self.closing = True
         self._sq.clear()
         while self._deferred:
-            reqs, count, _ = self._deferred.popleft()
+            head, count, _ = self._deferred.popleft()
             self.live += count
-            self._fail_chain_not_issued(reqs[0], ECANCELED)
+            head.err = head.err or ECANCELED
+            self.fail_one(head, head.err, False)
         for req in list(self._inflight):
             if req.state is _INFLIGHT and req.opcode not in (_OP_ASYNC_CANCEL, _OP_LINK_TIMEOUT):
                 self.cancel_req(req, _ignore)

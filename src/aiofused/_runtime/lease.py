@@ -129,7 +129,7 @@ class FusedScope:
             try:
                 await self._wake
             except asyncio.CancelledError:
-                ring.cancel(p, _ignore)
+                ring.cancel_req(p, _ignore)
                 ring.seal(p)
                 await self._wait_done()
                 raise
@@ -179,7 +179,7 @@ class FusedScope:
         try:
             res = await fut
         except asyncio.CancelledError:
-            ring.cancel(s, _ignore)
+            ring.cancel_req(s, _ignore)
             raise
         return check_res(res)
 
