@@ -39,10 +39,10 @@ from aiofused._abi import (
     MAX_SECONDARY,
     BufDir,
     IssueFlag,
-    Op,
     SqeFlag,
 )
-from aiofused._core.records import FusedInput, FusedState, Req, ReqInput, fused_step
+from aiofused._core.opdef import FIXED_FORM
+from aiofused._core.records import FusedInput, FusedState, Req, ReqInput, ReqState, fused_step
 from aiofused._errors import DriverError
 
 if TYPE_CHECKING:
@@ -61,8 +61,7 @@ _FLAG_SRC = int(IssueFlag.FUSED_BUF_SRC)
 _SECONDARY_FORBIDDEN = int(
     SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN | SqeFlag.BUFFER_SELECT
 )
-_FIXED_FORM = {int(Op.READ): Op.READ_FIXED, int(Op.WRITE): Op.WRITE_FIXED}
-_INFLIGHT_STATE = 32  # ReqState.INFLIGHT
+_INFLIGHT = ReqState.INFLIGHT
 
 
 def _ignore(res: int) -> None:
@@ -352,14 +351,14 @@ class FusedCommands:
             else:
                 s.buf = base[off : off + n]
                 self.views += 1
-                if p.fixed_index >= 0 and s.opcode in _FIXED_FORM:
+                if p.fixed_index >= 0 and s.opcode in FIXED_FORM:
                     s.buf_index = p.fixed_index
-                    s.opcode = _FIXED_FORM[s.opcode]
+                    s.opcode = FIXED_FORM[s.opcode]
         self.issue(s)
 
     def _cancel_inflight(self, p: Req) -> None:
         for s in p.secondaries:
-            if s is not None and s.state == _INFLIGHT_STATE:
+            if s is not None and s.state is _INFLIGHT:
                 self.cancel_req(s, _ignore)
 
     def _cancel_unissued(self, p: Req) -> None:

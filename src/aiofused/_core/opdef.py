@@ -37,7 +37,16 @@ if TYPE_CHECKING:
     from aiofused._core.ring import RingCore
     from aiofused._core.sqe import Sqe
 
-__all__ = ["OPDEFS", "Issue", "OpDef", "UringEnc", "link_threshold", "resolve_fd"]
+__all__ = [
+    "FIXED_FORM",
+    "OPDEFS",
+    "PLAIN_FORM",
+    "Issue",
+    "OpDef",
+    "UringEnc",
+    "link_threshold",
+    "resolve_fd",
+]
 
 Prep = Callable[["RingCore", "Req", "Sqe"], int]
 
@@ -404,6 +413,10 @@ OPDEFS: dict[int, OpDef] = {
     ),
 }
 """Opcodes without an entry (READV, ...) are -EINVAL at init."""
+
+#: READ/WRITE -> their registered-buffer forms, and back (same bytes moved).
+FIXED_FORM: dict[int, Op] = {int(Op.READ): Op.READ_FIXED, int(Op.WRITE): Op.WRITE_FIXED}
+PLAIN_FORM: dict[int, Op] = {int(fixed): Op(plain) for plain, fixed in FIXED_FORM.items()}
 
 
 def _check_table() -> None:

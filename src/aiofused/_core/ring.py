@@ -56,7 +56,15 @@ from aiofused._abi import (
     SqeFlag,
 )
 from aiofused._core.fused import FusedCommands
-from aiofused._core.opdef import OPDEFS, Issue, OpDef, UringEnc, link_threshold, resolve_fd
+from aiofused._core.opdef import (
+    OPDEFS,
+    PLAIN_FORM,
+    Issue,
+    OpDef,
+    UringEnc,
+    link_threshold,
+    resolve_fd,
+)
 from aiofused._core.records import REQ_EDGES, LifecycleError, Req, ReqInput, ReqState
 from aiofused._core.sqe import Cqe, Sqe
 from aiofused._errors import RingClosedError
@@ -82,7 +90,6 @@ _OP_NOP = int(Op.NOP)
 _OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
 _OP_TIMEOUT = int(Op.TIMEOUT)
 _OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
-_UNFIXED = {int(Op.READ_FIXED): Op.READ, int(Op.WRITE_FIXED): Op.WRITE}
 
 _S = ReqState
 _FREE, _PREPARED, _INFLIGHT, _NOTIF, _DONE = _S.FREE, _S.PREPARED, _S.INFLIGHT, _S.NOTIF, _S.DONE
@@ -540,8 +547,8 @@ class RingCore(FusedCommands):
         elif req.fd < 0:
             self.finish(req, EBADF, _COMPLETE)
         else:
-            if not self.reg_kernel and req.opcode in _UNFIXED:
-                req.opcode = _UNFIXED[req.opcode]  # same bytes, plain form
+            if not self.reg_kernel and req.opcode in PLAIN_FORM:
+                req.opcode = PLAIN_FORM[req.opcode]  # same bytes, plain form
             self.port.start_io(req)
 
     def _issue_nop(self, req: Req) -> None:
