@@ -486,13 +486,16 @@ async def test_slow_reader_slows_the_sender_and_memory_stays_bounded() -> None:
         await server.wait_closed()
 
 
-async def test_idle_timeout_closes_quiet_connections() -> None:
+async def test_idle_timeout_resets_quiet_connections() -> None:
     async with Upstream("echo") as up, running_proxy(up.endpoint, idle_timeout=0.3) as proxy:
         r, w = await asyncio.open_connection("127.0.0.1", proxy.address[1])
         w.write(b"ping")
         assert await r.readexactly(4) == b"ping"
         async with asyncio.timeout(5):
-            assert await r.read() == b""
+            with pytest.raises(ConnectionResetError):
+                await r.read()
+            await up.records[0].done.wait()
+        assert up.records[0].reset and not up.records[0].eof
         w.close()
         await wait_idle(proxy)
         assert proxy.stats.idle_timeouts == 1

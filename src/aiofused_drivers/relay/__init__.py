@@ -305,6 +305,11 @@ class RelayChannel:
         """True once the peer's end of stream has been received."""
         return self._eof
 
+    @property
+    def lending(self) -> bool:
+        """True while a received buffer is lent (its secondaries have not all finished)."""
+        return self._lent is not None
+
     def close(self, *, abort: bool = False) -> None:
         """Close the socket (both fds); ``abort`` resets the connection (SO_LINGER 0).
 

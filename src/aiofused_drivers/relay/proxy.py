@@ -32,7 +32,14 @@ Semantics:
   connected shortly after the first byte is cut the same way.  Mirror replies are
   read and discarded.
 * **Limits.**  ``max_connections`` stops accepting while that many are open;
-  ``idle_timeout`` closes a connection with no bytes in either direction;
+  ``idle_timeout`` resets (RST on both sides, never a FIN that a peer could take for
+  a complete stream) a connection on which no byte moved either way for that long:
+  neither received nor sent nor, for a send in flight, taken by the peer.  What moved
+  is what the kernel counts on each TCP socket (``tcp_info``: bytes acknowledged by the
+  peer and bytes received), checked every quarter of the timeout, so a send stalled on
+  a slow upstream that still reads is not idle, and one on an upstream that took no
+  byte of it for the whole timeout is.  (On a unix socket, which has no such counter,
+  a send in flight always counts as activity.)
   SIGINT/SIGTERM stop accepting, let open connections finish for
   ``shutdown_timeout`` seconds, close the rest, and exit 0.
 * **Workers.**  ``workers > 1`` forks that many processes; on TCP each binds its own
@@ -90,6 +97,12 @@ log = get_logger("aiofused.proxy")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _MSG_WAITALL = socket.MSG_WAITALL
+#: ``struct tcp_info``: ``tcpi_bytes_acked`` and ``tcpi_bytes_received`` (Linux 4.1, 4.6).
+_TCP_INFO_BYTES = struct.Struct("=QQ")
+_TCP_INFO_BYTES_AT = 120
+_TCP_INFO_LEN = _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size
+#: The idle timer looks for activity this many times per ``idle_timeout``.
+_IDLE_CHECKS = 4
 #: Loop iterations a mirror send may take to report after the main send finished.
 _MIRROR_GRACE_ITERATIONS = 3
 
@@ -243,6 +256,21 @@ def _abort_socket(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     sock.close()
+
+
+def _bytes_moved(sock: socket.socket) -> int | None:
+    """Bytes the kernel moved on TCP socket ``sock`` so far (acknowledged by the peer plus
+    received), or None where it does not say (a unix socket, an old kernel, closed)."""
+    if sock.family == socket.AF_UNIX:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+    return int(acked + received)
 
 
 def _max_sndbuf() -> int:
@@ -426,6 +454,8 @@ class _Connection:
     """One proxied client connection: two pumps, optional mirrors, an idle timer."""
 
     __slots__ = (
+        "activity",
+        "chunks",
         "client",
         "id",
         "idle_handle",
@@ -445,8 +475,27 @@ class _Connection:
         self.upstream: RelayChannel | None = None
         self.mirrors: list[_Mirror] = []
         self.tasks: list[asyncio.Task[None]] = []
+        #: Chunks relayed (both directions); with the byte counters, what the idle
+        #: timer compares between two looks.
+        self.chunks = 0
+        self.activity: tuple[int | None, ...] = ()
+        #: When the idle timer last saw something move.
         self.last_active = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
+
+    def activity_mark(self) -> tuple[tuple[int | None, ...], bool]:
+        """What has moved so far, and whether a send is in flight whose progress the
+        kernel does not report (such a send counts as activity)."""
+        mark: list[int | None] = [self.chunks]
+        unknown = False
+        for chan in (self.client, self.upstream):
+            if chan is None:
+                continue
+            moved = _bytes_moved(chan.sock)
+            unknown |= moved is None
+            mark += (chan.bytes_received, moved)
+        lending = any(c is not None and c.lending for c in (self.client, self.upstream))
+        return tuple(mark), unknown and lending
 
 
 async def _wait_all(tasks: list[asyncio.Task[Any]]) -> bool:
@@ -719,7 +768,10 @@ class ProxyServer:
             conn.upstream = await self.driver.attach(upstream_sock)
             log.debug("connection_open", conn=conn.id, peer=_peer(conn.peer))
             conn.last_active = loop.time()
-            conn.idle_handle = loop.call_later(cfg.idle_timeout, self._idle_check, conn)
+            conn.activity = conn.activity_mark()[0]
+            conn.idle_handle = loop.call_later(
+                cfg.idle_timeout / _IDLE_CHECKS, self._idle_check, conn
+            )
             conn.tasks = [
                 asyncio.create_task(self._pump(conn, conn.client, conn.upstream, True)),
                 asyncio.create_task(self._pump(conn, conn.upstream, conn.client, False)),
@@ -738,7 +790,7 @@ class ProxyServer:
             for task in conn.tasks:
                 task.cancel()
             interrupted = await _wait_all(conn.tasks)
-            graceful = outcome in ("closed", "idle_timeout")
+            graceful = outcome == "closed"  # an idle cut resets too
             if conn.client is None and client_sock.fileno() >= 0:
                 client_sock.close()  # never attached: still ours
             for chan in (conn.client, conn.upstream):
@@ -802,15 +854,30 @@ class ProxyServer:
 
     def _idle_check(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
-        idle = loop.time() - conn.last_active
-        if idle < self.config.idle_timeout:
-            conn.idle_handle = loop.call_later(
-                self.config.idle_timeout - idle, self._idle_check, conn
-            )
+        timeout = self.config.idle_timeout
+        now = loop.time()
+        mark, in_flight = conn.activity_mark()
+        if in_flight or mark != conn.activity:
+            conn.activity = mark
+            conn.last_active = now
+        idle = now - conn.last_active
+        if idle < timeout:
+            delay = min(timeout / _IDLE_CHECKS, timeout - idle)
+            conn.idle_handle = loop.call_later(delay, self._idle_check, conn)
             return
         conn.idle_handle = None
         self.stats.idle_timeouts += 1
-        log.info("idle_timeout", conn=conn.id, peer=_peer(conn.peer), idle=round(idle, 3))
+        # The pumps end cancelled, and _serve resets both sides (and the mirrors).
+        log.info(
+            "idle_timeout",
+            conn=conn.id,
+            peer=_peer(conn.peer),
+            idle=round(idle, 3),
+            timeout=timeout,
+            bytes_up=conn.client.bytes_received if conn.client is not None else 0,
+            bytes_down=conn.upstream.bytes_received if conn.upstream is not None else 0,
+            action="reset",
+        )
         for task in conn.tasks:
             task.cancel()
 
@@ -823,7 +890,6 @@ class ProxyServer:
         A reset or error of ``src`` raises out of the scope's entry as ``OSError``.
         """
         assert self._ring is not None and self._relay_file is not None
-        loop = asyncio.get_running_loop()
         stats = self.stats
         fused = self._ring.fused
         relay = self._relay_file
@@ -845,7 +911,7 @@ class ProxyServer:
                     sent = await lease.send(dst_sock, 0, n, _MSG_WAITALL)
                     while sent < n:  # MSG_WAITALL makes this rare
                         sent += await lease.send(dst_sock, sent, n - sent, _MSG_WAITALL)
-            conn.last_active = loop.time()
+            conn.chunks += 1
             stats.chunks += 1
             if upstream_dir:
                 stats.bytes_upstream += n
@@ -1154,7 +1220,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         metavar="SECONDS",
-        help="close a connection idle this long",
+        help="reset (RST both sides) a connection on which no byte moved either way "
+        "for this long (a send the peer still takes is not idle)",
     )
     p.add_argument(
         "--buffer-size",
