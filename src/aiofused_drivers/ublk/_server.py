@@ -13,7 +13,19 @@ failing member posts its own CQE and, by SPEC L4, silences the rest of the chain
 server then asks the target (:meth:`Target.fused_failed`, :meth:`Target.fsync_failed`)
 what to commit.
 
-``user_data`` layout: ``dev u16 | kind u8 | index u8 | q_id u16 | tag u16``.
+Short transfers are continued, as ublk servers do (the kernel's ublk driver requeues
+the rest of a partly completed request): a secondary that moved fewer bytes than asked
+posts its CQE (SPEC L2: a short READ/WRITE fails), the primary then fails and severs the
+commit, and the server submits a new fused command for the rest of each short piece
+(the same chain behind it).  A READ that hits end of file reads the rest as zeroes (as
+the kernel's loop driver); a WRITE that moves nothing is -EIO.  Every round moves at
+least one byte (or turns a piece at end of file into a read of ``/dev/zero``, once) or
+ends the request, so this ends; :data:`MAX_CONTINUATIONS` bounds it besides.  If another
+secondary failed in the same round, the short ones are still finished first (a primary
+without the commit behind it, so its CQE comes back), then the target is asked.
+
+``user_data`` layout: ``dev u16 | kind u8 | index u8 | q_id u16 | tag u16``; the index
+of a secondary is its position in the submitted pieces.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -57,6 +70,9 @@ _SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
 _SKIP_LINK: Final = int(SqeFlag.CQE_SKIP_SUCCESS | SqeFlag.IO_LINK)
 IORING_FSYNC_DATASYNC: Final = 1
 _DEST: Final = int(BufDir.DEST)
+_EIO: Final = errno.EIO
+#: Rounds of continued short transfers one request may take (each moves >= 1 byte).
+MAX_CONTINUATIONS: Final = 4096
 
 
 def _ud(dev: int, kind: int, index: int, q_id: int, tag: int) -> int:
@@ -88,13 +104,17 @@ class Ctx:
 
     __slots__ = (
         "attempt",
+        "buf_dir",
         "failed",
         "fsync_fds",
         "iod",
+        "pieces",
         "q_id",
         "result",
+        "rounds",
         "scratch",
         "server",
+        "short",
         "tag",
         "ud",
     )
@@ -108,6 +128,13 @@ class Ctx:
         self.iod = iod
         #: (label, res) of the secondaries that failed in the last fused submit.
         self.failed: list[tuple[int, int]] = []
+        #: (index in ``pieces``, bytes moved) of the secondaries that came back short.
+        self.short: list[tuple[int, int]] = []
+        #: The pieces and direction of the last fused submit, and how many
+        #: continuation rounds this request took.
+        self.pieces: Sequence[Piece] = ()
+        self.buf_dir = _DEST
+        self.rounds = 0
         self.attempt = 0
         #: The fds of the FSYNCs in the last submission (an FSYNC CQE names its index).
         self.fsync_fds: Sequence[int] = ()
@@ -151,6 +178,8 @@ class RingHost:
         self._kick_pending = False
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        #: ``/dev/zero``, what a READ past end of file continues from.
+        self.zero_fd = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._reap(), name="ublk-reaper")
@@ -214,11 +243,18 @@ class RingHost:
             self.flush()
 
     async def close(self) -> None:
+        """Stop reaping.  The files stay open until :meth:`close_files` (after the ring
+        closed: an op still in flight may name them)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def close_files(self) -> None:
+        if self.zero_fd >= 0:
+            os.close(self.zero_fd)
+            self.zero_fd = -1
 
 
 class UblkServer:
@@ -235,6 +271,8 @@ class UblkServer:
             for q in range(driver.nr_queues)
         ]
         self._armed = 0
+        #: Continuation rounds submitted for short transfers (for tests and metrics).
+        self.continued = 0
         self._all_aborted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         host.add(self)
 
@@ -287,8 +325,22 @@ class UblkServer:
             return
         ctx = self._ctx[q_id][tag]
         if kind == KIND_SEC:
-            ctx.failed.append(((ud >> 32) & 0xFF, res))
+            index = (ud >> 32) & 0xFF
+            pieces = ctx.pieces
+            if index >= len(pieces):
+                log.error("ublk.cqe_unknown_piece", q_id=q_id, tag=tag, index=index, res=res)
+            elif res < 0:
+                ctx.failed.append((pieces[index].label, res))
+            elif res < pieces[index].nbytes:
+                ctx.short.append((index, res))
         elif kind == KIND_FUSED:
+            if ctx.short:
+                self._continue(ctx)
+                return
+            if res >= 0:
+                # A round without the commit behind it finished the rest of the short
+                # pieces: now the target decides about the secondaries that failed.
+                res = ctx.failed[0][1] if ctx.failed else -_EIO
             self._ask_target(ctx, self.target.fused_failed, res)
         elif kind == KIND_FALLOC:
             self._ask_target(ctx, self.target.fallocate_failed, (ud >> 32) & 0xFF, res)
@@ -317,27 +369,83 @@ class UblkServer:
         fsync_fds: Sequence[int],
         result: int | None,
     ) -> None:
+        ctx.failed.clear()
+        ctx.rounds = 0
+        self._submit_fused(
+            ctx, buf_dir, pieces, fsync_fds, ctx.iod.nr_bytes if result is None else result, True
+        )
+
+    def _submit_fused(
+        self,
+        ctx: Ctx,
+        buf_dir: int,
+        pieces: Sequence[Piece],
+        fsync_fds: Sequence[int],
+        result: int,
+        chain: bool,
+    ) -> None:
+        """One fused command over ``pieces``; with ``chain``, the FSYNCs and the commit
+        linked behind it (one CQE only on failure), else nothing behind it (its CQE
+        always comes: the server goes on from there)."""
         host = self.host
         n = len(pieces)
         q_id, tag, ud = ctx.q_id, ctx.tag, ctx.ud
         expected = pieces[0].nbytes if n == 1 else sum(p.nbytes for p in pieces)
         host.reserve(n + len(fsync_fds) + 2)
-        ctx.failed.clear()
+        ctx.pieces = pieces
+        ctx.buf_dir = buf_dir
+        ctx.short.clear()
         sqe = host.sqe()
         sqe.prep_fused_cmd(self.dfile, UBLK_IO_FUSED_SUBMIT_IO, n, pack_io_cmd(q_id, tag, expected))
-        sqe.flags |= _SKIP_LINK
+        if chain:
+            sqe.flags |= _SKIP_LINK
         sqe.user_data = ud | _UD_FUSED
         dest = buf_dir == _DEST
-        for p in pieces:
+        for i, p in enumerate(pieces):
             s = host.sqe()
             if dest:
                 s.prep_read(p.fd, p.at, p.nbytes, p.file_offset)
             else:
                 s.prep_write(p.fd, p.at, p.nbytes, p.file_offset)
             s.flags |= _SKIP
-            s.user_data = ud | _UD_SEC | (p.label << 32)
-        self._prep_fsyncs(ctx, fsync_fds, IORING_FSYNC_DATASYNC)
-        self._prep_commit(ctx, ctx.iod.nr_bytes if result is None else result)
+            s.user_data = ud | _UD_SEC | (i << 32)
+        if chain:
+            self._prep_fsyncs(ctx, fsync_fds, IORING_FSYNC_DATASYNC)
+            self._prep_commit(ctx, result)
+        else:
+            ctx.fsync_fds = fsync_fds
+            ctx.result = result
+            host.kick()
+
+    def _continue(self, ctx: Ctx) -> None:
+        """Submit the rest of the short pieces of the last fused command (module doc)."""
+        dest = ctx.buf_dir == _DEST
+        zero = self.host.zero_fd
+        rest: list[Piece] = []
+        pieces = ctx.pieces
+        for index, got in ctx.short:
+            p = pieces[index]
+            if got:
+                rest.append(Piece(p.fd, p.file_offset + got, p.at + got, p.nbytes - got, p.label))
+            elif dest and p.fd != zero:  # end of file: the rest reads as zeroes
+                rest.append(Piece(zero, 0, p.at, p.nbytes, p.label))
+            else:  # nothing moved (a WRITE, or /dev/zero itself): no progress possible
+                ctx.failed.append((p.label, -_EIO))
+        ctx.short.clear()
+        ctx.rounds += 1
+        if not rest or ctx.rounds > MAX_CONTINUATIONS:
+            log.warning(
+                "ublk.short_transfer",
+                op=ctx.iod.op,
+                offset=ctx.iod.start,
+                rounds=ctx.rounds,
+                left=sum(p.nbytes for p in rest),
+            )
+            ctx.failed.extend((p.label, -_EIO) for p in rest)
+            self._ask_target(ctx, self.target.fused_failed, -_EIO)
+            return
+        self.continued += 1
+        self._submit_fused(ctx, ctx.buf_dir, rest, ctx.fsync_fds, ctx.result, chain=not ctx.failed)
 
     def submit_fallocate(
         self, ctx: Ctx, mode: int, pieces: Sequence[Piece], fsync_fds: Sequence[int]

@@ -165,15 +165,17 @@ class BlockService:
         for server in self.servers:
             await server.stop()
         self.servers.clear()
-        if self.host is not None:
-            await self.host.close()
-            self.host = None
+        host, self.host = self.host, None
+        if host is not None:
+            await host.close()
         if self.ring is not None:
             try:
                 await asyncio.wait_for(self.ring.close(), 15)
             except TimeoutError:
                 log.error("ublk.ring_close_timeout", in_flight=self.ring.in_flight())
             self.ring = None
+        if host is not None:
+            host.close_files()
         for target in self.targets:
             with contextlib.suppress(OSError):
                 target.close()
