@@ -42,8 +42,14 @@ Semantics:
   a send in flight always counts as activity.)
   SIGINT/SIGTERM stop accepting, let open connections finish for
   ``shutdown_timeout`` seconds, close the rest, and exit 0.
-* **Workers.**  ``workers > 1`` forks that many processes; on TCP each binds its own
-  ``SO_REUSEPORT`` listener (the kernel balances), on unix sockets they share one.
+* **Workers.**  ``workers > 1`` forks that many processes, which share one listening
+  socket that the parent bound (and closed once they had it).  It is bound without
+  ``SO_REUSEPORT`` so that no other socket can bind the address: a second instance
+  fails to start with "address in use", where per-worker ``SO_REUSEPORT`` listeners
+  would let it join the first's group and silently take part of its traffic (the
+  kernel admits any socket of the same user with the option set; a lock file would
+  guard only against instances that look in the same place).  The workers take turns
+  accepting: a busy worker comes back to ``accept`` later, so the idle ones take more.
 """
 
 from __future__ import annotations
@@ -314,7 +320,7 @@ async def _connect(ep: Endpoint, timeout: float) -> socket.socket:
     return sock
 
 
-def make_listener(ep: Endpoint, backlog: int = 1024, reuse_port: bool = False) -> socket.socket:
+def make_listener(ep: Endpoint, backlog: int = 1024) -> socket.socket:
     """Bind and listen on ``ep`` (non-blocking); unix paths left by a dead run are replaced."""
     sock = socket.socket(ep.family, socket.SOCK_STREAM)
     try:
@@ -323,9 +329,8 @@ def make_listener(ep: Endpoint, backlog: int = 1024, reuse_port: bool = False) -
                 if os.path.exists(ep.path) and not os.path.isdir(ep.path):
                     os.unlink(ep.path)
         else:
+            # Never SO_REUSEPORT: the address must be this instance's alone.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(ep.address)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -1089,15 +1094,13 @@ def _format_address(addr: Any) -> str:
     return f"unix:{addr}"
 
 
-def _worker_main(config: ProxyConfig, sock: socket.socket | None, log_level: str, fmt: str) -> None:
+def _worker_main(config: ProxyConfig, sock: socket.socket, log_level: str, fmt: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     # Workers share the parent's stderr: buffer each log line so that it reaches the
     # pipe in one write and lines of different workers never interleave.
     sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
     configure_logging(log_level, fmt)
-    if sock is None:
-        sock = make_listener(config.listen, config.backlog, reuse_port=True)
     loop = _new_event_loop(config.loop)
     try:
         code = loop.run_until_complete(_serve_until_signalled(config, sock))
@@ -1120,23 +1123,16 @@ def run_proxy(config: ProxyConfig, *, log_level: str = "info", log_format: str =
 
 def _run_workers(config: ProxyConfig, log_level: str, log_format: str) -> int:
     ctx = multiprocessing.get_context("fork")
-    shared: socket.socket | None = None
-    reserve: socket.socket | None = None
-    if config.listen.is_unix:
-        shared = make_listener(config.listen, config.backlog)
-    else:
-        # Resolve port 0 once; the reserve socket is bound, never listening, so the
-        # kernel never routes a connection to it.
-        reserve = socket.socket(config.listen.family, socket.SOCK_STREAM)
-        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reserve.bind(config.listen.address)
-        port = reserve.getsockname()[1]
+    # One listener for all the workers, without SO_REUSEPORT: the address is this
+    # instance's alone (see "Workers" above).  Port 0 is resolved here, once.
+    listener = make_listener(config.listen, config.backlog)
+    if not config.listen.is_unix:
+        port = listener.getsockname()[1]
         config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(config, shared, log_level, log_format),
+            args=(config, listener, log_level, log_format),
             name=f"aiofused-proxy-{i}",
         )
         for i in range(config.workers)
@@ -1155,6 +1151,9 @@ def _run_workers(config: ProxyConfig, log_level: str, log_format: str) -> int:
     try:
         for p in procs:
             p.start()
+        # The workers hold it now; once the last has closed its copy (at shutdown), the
+        # port refuses connections instead of queueing them for nobody.
+        listener.close()
         log.info(
             "proxy_workers",
             workers=config.workers,
@@ -1172,12 +1171,10 @@ def _run_workers(config: ProxyConfig, log_level: str, log_format: str) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        if shared is not None:
-            shared.close()
+        listener.close()
+        if config.listen.is_unix:
             with contextlib.suppress(OSError):
                 os.unlink(config.listen.path)
-        if reserve is not None:
-            reserve.close()
     return 0 if all(c == 0 for c in codes) else 1
 
 
@@ -1211,7 +1208,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="HOST:PORT|unix:PATH",
         help="shadow upstream (repeatable); never slows the main path",
     )
-    p.add_argument("--workers", type=int_arg(1), default=1, help="SO_REUSEPORT worker processes")
+    p.add_argument(
+        "--workers",
+        type=int_arg(1),
+        default=1,
+        help="worker processes sharing one listening socket (the address is this "
+        "instance's alone: a second instance on it fails to start)",
+    )
     p.add_argument(
         "--max-connections", type=int_arg(1), default=1024, help="open connections per worker"
     )
