@@ -42,6 +42,13 @@ Semantics:
   a send in flight always counts as activity.)
   SIGINT/SIGTERM stop accepting, let open connections finish for
   ``shutdown_timeout`` seconds, close the rest, and exit 0.
+* **Logging.**  A warning that repeats for every connection (a mirror cut, an
+  upstream refusing) is logged at most once per ``warn_interval`` per mirror or
+  upstream; the ones held back are counted and logged in one line (``suppressed``)
+  when the interval ends.  Reaching ``max_connections`` is a warning
+  (``max_connections_reached``: clients now wait in the listen backlog), and the end
+  of that state is logged too (``max_connections_left``: the backlog has been
+  drained), with how long it lasted.
 * **Workers.**  ``workers > 1`` forks that many processes, which share one listening
   socket that the parent bound (and closed once they had it).  It is bound without
   ``SO_REUSEPORT`` so that no other socket can bind the address: a second instance
@@ -61,6 +68,7 @@ import contextlib
 import dataclasses
 import errno
 import io
+import math
 import multiprocessing
 import os
 import signal
@@ -187,6 +195,9 @@ class ProxyConfig:
     backlog: int = 1024
     #: ``(host, port)`` of the Prometheus endpoint (``--metrics``), or None.
     metrics: tuple[str, int] | None = None
+    #: A repeated warning is logged at most once per this many seconds (per mirror or
+    #: upstream), with the count of those held back.
+    warn_interval: float = 10.0
 
     @property
     def effective_pool_size(self) -> int:
@@ -218,6 +229,8 @@ class ProxyConfig:
             )
         if self.idle_timeout <= 0:
             raise ValueError("--idle-timeout must be positive")
+        if not self.warn_interval >= 0:
+            raise ValueError(f"--warn-interval {self.warn_interval}: expected 0 or more seconds")
         if self.metrics is not None and self.workers > 1:
             raise ValueError(
                 f"--metrics with --workers {self.workers}: each worker counts on its own; "
@@ -240,6 +253,8 @@ class ProxyStats:
     mirror_bytes: int = 0
     mirror_dropped_bytes: int = 0
     mirror_failures: int = 0
+    #: Times accepting stopped at ``max_connections``.
+    max_connections_reached: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -253,6 +268,65 @@ class MirrorStats:
     bytes: int = 0
     dropped_bytes: int = 0
     failures: int = 0
+
+
+# ---- logging -------------------------------------------------------------------------
+
+
+class _Window:
+    __slots__ = ("end", "fields", "handle", "suppressed")
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+        self.suppressed = 0
+        self.fields: dict[str, Any] = {}
+        self.handle: asyncio.TimerHandle | None = None
+
+
+class _Throttle:
+    """A repeated warning, at most once per ``interval`` per key.
+
+    The first of a burst is logged at once; the next ones within the interval are
+    counted, and when it ends one line says how many were held back (``suppressed``,
+    with the fields of the last one) and starts the next interval.  ``interval`` 0
+    logs every one.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def warning(self, event: str, key: str, **fields: Any) -> bool:
+        """Log ``event`` for ``key`` now, or count it for later; True if logged now."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        window = self._windows.get((event, key))
+        if window is None or now >= window.end:
+            if self.interval > 0:
+                self._windows[(event, key)] = _Window(now + self.interval)
+            log.warning(event, **fields)
+            return True
+        window.suppressed += 1
+        window.fields = fields
+        if window.handle is None:
+            window.handle = loop.call_at(window.end, self._flush, event, key)
+        return False
+
+    def _flush(self, event: str, key: str) -> None:
+        window = self._windows.pop((event, key), None)
+        if window is None or not window.suppressed:
+            return
+        log.warning(event, **window.fields, suppressed=window.suppressed, interval=self.interval)
+        # The summary opens the next interval: a steady stream gives one line per interval.
+        self._windows[(event, key)] = _Window(asyncio.get_running_loop().time() + self.interval)
+
+    def close(self) -> None:
+        """Log what is still held back (at shutdown)."""
+        for (event, key), window in list(self._windows.items()):
+            if window.handle is not None:
+                window.handle.cancel()
+                self._flush(event, key)
+        self._windows.clear()
 
 
 # ---- sockets -------------------------------------------------------------------------
@@ -380,15 +454,22 @@ class _Mirror:
         "sock",
         "stats",
         "task",
+        "throttle",
         "transport",
     )
 
     def __init__(
-        self, conn_id: int, stats: ProxyStats, endpoint: Endpoint, mstats: MirrorStats
+        self,
+        conn_id: int,
+        stats: ProxyStats,
+        endpoint: Endpoint,
+        mstats: MirrorStats,
+        throttle: _Throttle,
     ) -> None:
         self.conn_id = conn_id
         self.stats = stats
         self.mstats = mstats
+        self.throttle = throttle
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.transport: asyncio.BaseTransport | None = None
@@ -419,8 +500,9 @@ class _Mirror:
         self.failed = True
         self.stats.mirror_failures += 1
         self.mstats.failures += 1
-        log.warning(
+        self.throttle.warning(
             "mirror_cut",
+            str(self.endpoint),
             conn=self.conn_id,
             mirror=str(self.endpoint),
             reason=reason,
@@ -543,6 +625,12 @@ class ProxyServer:
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._next_id = 0
         self._slots: asyncio.Semaphore | None = None
+        self._throttle = _Throttle(config.warn_interval)
+        #: When accepting stopped at ``max_connections`` (None: not at the limit), and the
+        #: number accepted since then (clients that had waited in the backlog).
+        self._limited_since: float | None = None
+        self._limited_accepts = 0
+        self._limited_logged = False
         self._closing = False
         self._closed = asyncio.Event()
         #: Pool buffers not returned when :meth:`aclose` finished (a bug if not 0).
@@ -698,6 +786,7 @@ class ProxyServer:
                 log.error("relay_buffers_leaked", count=self.buffers_leaked)
             else:
                 self._driver.close_pool()
+        self._throttle.close()
         self._closed.set()
 
     # ---- accepting ---------------------------------------------------------------------
@@ -706,17 +795,57 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         assert self._listen_sock is not None and self._slots is not None
         lsock = self._listen_sock
+        slots = self._slots
         while True:
-            await self._slots.acquire()
+            if slots.locked() and self._limited_since is None:
+                self._limit_reached()
+            await slots.acquire()
             try:
-                client, peer = await loop.sock_accept(lsock)
+                if self._limited_since is not None:
+                    client, peer = await self._accept_at_limit(lsock)
+                else:
+                    client, peer = await loop.sock_accept(lsock)
             except BaseException:
-                self._slots.release()
+                slots.release()
                 raise
             # The connection is made in ``_spawn``: this frame lives as long as the
             # listener and must not keep the last connection alive until the next accept.
             self._spawn(client, peer)
             del client, peer
+
+    def _limit_reached(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stats.max_connections_reached += 1
+        self._limited_since = loop.time()
+        self._limited_accepts = 0
+        self._limited_logged = self._throttle.warning(
+            "max_connections_reached",
+            "",
+            limit=self.config.max_connections,
+            active=len(self._conn_tasks),
+            times=self.stats.max_connections_reached,
+        )
+
+    async def _accept_at_limit(self, lsock: socket.socket) -> tuple[socket.socket, Any]:
+        """Accept after the limit freed a slot; an empty backlog ends the limited state."""
+        try:
+            client, peer = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            since, self._limited_since = self._limited_since, None
+            assert since is not None
+            loop = asyncio.get_running_loop()
+            if self._limited_logged:  # else its start was held back too (counted)
+                log.info(
+                    "max_connections_left",
+                    limit=self.config.max_connections,
+                    active=len(self._conn_tasks),
+                    seconds=round(loop.time() - since, 3),
+                    waited=self._limited_accepts,
+                )
+            return await loop.sock_accept(lsock)
+        self._limited_accepts += 1
+        client.setblocking(False)
+        return client, peer
 
     def _spawn(self, client: socket.socket, peer: Any) -> None:
         self._next_id += 1
@@ -747,7 +876,8 @@ class ProxyServer:
             if client_sock.family != socket.AF_UNIX:
                 client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.mirrors = [
-                _Mirror(conn.id, stats, ep, self.mirror_stats[str(ep)]) for ep in cfg.mirrors
+                _Mirror(conn.id, stats, ep, self.mirror_stats[str(ep)], self._throttle)
+                for ep in cfg.mirrors
             ]
             for m in conn.mirrors:
                 m.task = asyncio.create_task(self._connect_mirror(m))
@@ -755,8 +885,9 @@ class ProxyServer:
                 upstream_sock = await _connect(cfg.upstream, cfg.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 stats.upstream_failures += 1
-                log.warning(
+                self._throttle.warning(
                     "upstream_connect_failed",
+                    str(cfg.upstream),
                     conn=conn.id,
                     peer=_peer(conn.peer),
                     upstream=str(cfg.upstream),
@@ -1269,6 +1400,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="on SIGINT/SIGTERM, wait this long for open connections",
     )
     p.add_argument(
+        "--warn-interval",
+        type=_seconds_arg,
+        default=10.0,
+        metavar="SECONDS",
+        help="log a repeated warning (a dead mirror or upstream, the connection limit) at "
+        "most once per this interval, with the count of those held back (0: every one)",
+    )
+    p.add_argument(
         "--backend", choices=("auto", "uring", "asyncio"), default="auto", help="ring backend"
     )
     p.add_argument(
@@ -1300,6 +1439,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _seconds_arg(text: str) -> float:
+    """An argparse ``type=``: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected seconds, 0 or more")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     def endpoint(option: str, text: str) -> Endpoint:
         try:
@@ -1323,6 +1473,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         backend=args.backend,
         loop=args.loop,
         metrics=args.metrics,
+        warn_interval=args.warn_interval,
     )
 
 
