@@ -31,6 +31,14 @@ Semantics:
   counted as dropped and logged.  A mirror that refuses, resets, or is not
   connected shortly after the first byte is cut the same way.  Mirror replies are
   read and discarded.
+* **Mirror sampling.**  ``mirror_sample`` percent of the connections are mirrored,
+  decided when a connection is accepted by a stable hash of the client's address
+  (``host:port``; :func:`mirror_sampled`), so a connection is mirrored whole or not
+  at all, the decision is the same in every worker and run, and raising the
+  percentage only adds connections.  Per mirror the proxy counts the connections,
+  the bytes sent, the bytes dropped (missed after a cut) and the lag: the bytes its
+  sockets hold that it has not taken yet (``SIOCOUTQ``), read when the statistics
+  are (:meth:`ProxyServer.mirror_statistics`, ``--metrics``, the final log line).
 * **Limits.**  ``max_connections`` stops accepting while that many are open;
   ``idle_timeout`` resets (RST on both sides, never a FIN that a peer could take for
   a complete stream) a connection on which no byte moved either way for that long:
@@ -63,10 +71,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import errno
+import fcntl
+import hashlib
 import io
 import math
 import multiprocessing
@@ -75,6 +84,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +114,7 @@ __all__ = [
     "ProxyStats",
     "add_parser",
     "main",
+    "mirror_sampled",
     "run_proxy",
 ]
 
@@ -190,6 +201,8 @@ class ProxyConfig:
     #: How long (seconds) the main path may wait for a lagging mirror per chunk before
     #: cutting it; 0 (the default) means never.
     mirror_grace: float = 0.0
+    #: Percent (0-100) of the connections that are mirrored (:func:`mirror_sampled`).
+    mirror_sample: float = 100.0
     backend: str = "auto"
     loop: str = "auto"
     backlog: int = 1024
@@ -229,6 +242,12 @@ class ProxyConfig:
             )
         if self.idle_timeout <= 0:
             raise ValueError("--idle-timeout must be positive")
+        if not 0 <= self.mirror_sample <= 100:
+            raise ValueError(
+                f"--mirror-sample {self.mirror_sample:g}: expected a percentage, 0-100"
+            )
+        if self.mirror_sample != 100 and not self.mirrors:
+            raise ValueError(f"--mirror-sample {self.mirror_sample:g}: there is no --mirror")
         if not self.warn_interval >= 0:
             raise ValueError(f"--warn-interval {self.warn_interval}: expected 0 or more seconds")
         if self.metrics is not None and self.workers > 1:
@@ -253,6 +272,9 @@ class ProxyStats:
     mirror_bytes: int = 0
     mirror_dropped_bytes: int = 0
     mirror_failures: int = 0
+    #: Connections mirrored, and not mirrored (``mirror_sample`` below 100).
+    connections_mirrored: int = 0
+    connections_not_mirrored: int = 0
     #: Times accepting stopped at ``max_connections``.
     max_connections_reached: int = 0
 
@@ -264,6 +286,7 @@ class ProxyStats:
 class MirrorStats:
     """Counters of one ``--mirror`` (all its connections in this process)."""
 
+    connections: int = 0
     sends: int = 0
     bytes: int = 0
     dropped_bytes: int = 0
@@ -351,6 +374,36 @@ def _bytes_moved(sock: socket.socket) -> int | None:
         return None
     acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
     return int(acked + received)
+
+
+def _unsent(sock: socket.socket | None) -> int:
+    """Bytes in ``sock``'s send queue that the peer has not taken (``SIOCOUTQ``)."""
+    if sock is None or sock.fileno() < 0:
+        return 0
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)  # SIOCOUTQ on a socket
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder, signed=True)
+
+
+def mirror_sampled(peer: Any, percent: float, conn_id: int = 0) -> bool:
+    """Whether a connection from ``peer`` (the accepted socket's peer address) is
+    mirrored when ``percent`` (0-100) of them are.
+
+    A stable hash (BLAKE2b, not Python's salted ``hash``) of ``host:port``: the same
+    answer in every process and run, so a connection is mirrored whole or not at all,
+    and a connection sampled at one percentage is sampled at every higher one.  A unix
+    socket client has no address: its connection number ``conn_id`` is hashed.
+    """
+    if percent >= 100:
+        return True
+    if percent <= 0:
+        return False
+    key = _peer(peer) if isinstance(peer, tuple) else f"unix#{conn_id}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") * 100 < percent * 2**64
 
 
 def _max_sndbuf() -> int:
@@ -448,9 +501,11 @@ class _Mirror:
     __slots__ = (
         "busy",
         "conn_id",
+        "dropped",
         "endpoint",
         "failed",
         "mstats",
+        "sent",
         "sock",
         "stats",
         "task",
@@ -476,6 +531,9 @@ class _Mirror:
         self.failed = False
         self.busy = False
         self.task: asyncio.Task[None] | None = None
+        #: Bytes of this connection sent to the mirror, and missed by it.
+        self.sent = 0
+        self.dropped = 0
 
     async def connect(self, timeout: float, lag: int) -> None:
         loop = asyncio.get_running_loop()
@@ -493,6 +551,19 @@ class _Mirror:
     def live(self) -> bool:
         return not self.failed and self.sock is not None
 
+    @property
+    def lag(self) -> int:
+        """Bytes given to the mirror's socket that the mirror has not taken yet."""
+        return _unsent(self.sock)
+
+    def count(self, sent: int, dropped: int) -> None:
+        self.sent += sent
+        self.dropped += dropped
+        self.mstats.bytes += sent
+        self.mstats.dropped_bytes += dropped
+        self.stats.mirror_bytes += sent
+        self.stats.mirror_dropped_bytes += dropped
+
     def fail(self, reason: str, exc: BaseException | None = None) -> None:
         """Cut this mirror: later bytes of the connection are dropped and counted."""
         if self.failed:
@@ -507,6 +578,9 @@ class _Mirror:
             mirror=str(self.endpoint),
             reason=reason,
             error=repr(exc) if exc is not None else None,
+            bytes_sent=self.sent,
+            bytes_dropped=self.dropped,
+            lag_bytes=self.lag,
         )
         if not self.busy:  # otherwise closed once its in-flight send has finished
             self.close(abort=True)
@@ -658,6 +732,22 @@ class ProxyServer:
         """The ring's :meth:`~aiofused.Ring.statistics` (None before start / after close)."""
         return self._ring.statistics() if self._ring is not None else None
 
+    def mirror_statistics(self) -> dict[str, dict[str, int]]:
+        """Per ``--mirror`` (by its address): the :class:`MirrorStats` counters, and now
+        ``open`` (its connections open) and ``lag_bytes`` (what they hold that the mirror
+        has not taken yet: how far it trails the main path)."""
+        out = {
+            name: {**dataclasses.asdict(ms), "open": 0, "lag_bytes": 0}
+            for name, ms in self.mirror_stats.items()
+        }
+        for conn in self._conns.values():
+            for m in conn.mirrors:
+                if m.live:
+                    row = out[str(m.endpoint)]
+                    row["open"] += 1
+                    row["lag_bytes"] += m.lag
+        return out
+
     def metric_families(self) -> list[Metric]:
         """The Prometheus metric families of this process (``--metrics``)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -685,9 +775,17 @@ class ProxyServer:
         errors.add_metric([up, "connect_failed"], st.upstream_failures)
         errors.add_metric([up, "reset"], st.resets)
         errors.add_metric([up, "idle_timeout"], st.idle_timeouts)
-        families: list[Metric] = [conns, active, chunks, nbytes, errors]
-        live: collections.Counter[str] = collections.Counter(
-            str(m.endpoint) for c in self._conns.values() for m in c.mirrors if m.live
+        unmirrored = counter(
+            "connections_not_mirrored", "connections --mirror-sample left out", ["upstream"]
+        )
+        unmirrored.add_metric([up], st.connections_not_mirrored)
+        families: list[Metric] = [conns, active, chunks, nbytes, errors, unmirrored]
+        mirrors = self.mirror_statistics()
+        m_conns = counter("mirror_connections", "connections mirrored to a mirror", ["mirror"])
+        m_lag = gauge(
+            "mirror_lag_bytes",
+            "bytes a mirror has not taken yet (its open connections)",
+            ["mirror"],
         )
         m_sends = counter("mirror_requests", "sends to a mirror", ["mirror"])
         m_bytes = counter("mirror_bytes", "bytes sent to a mirror", ["mirror"])
@@ -699,8 +797,10 @@ class ProxyServer:
             m_bytes.add_metric([name], ms.bytes)
             m_drop.add_metric([name], ms.dropped_bytes)
             m_err.add_metric([name], ms.failures)
-            m_live.add_metric([name], live[name])
-        families += [m_sends, m_bytes, m_drop, m_err, m_live]
+            m_live.add_metric([name], mirrors[name]["open"])
+            m_conns.add_metric([name], ms.connections)
+            m_lag.add_metric([name], mirrors[name]["lag_bytes"])
+        families += [m_sends, m_bytes, m_drop, m_err, m_live, m_conns, m_lag]
         if self._driver is not None:
             pool = self._driver.pool
             lent = gauge("buffers_lent", "pool buffers lent now", [])
@@ -875,10 +975,17 @@ class ProxyServer:
             client_sock.setblocking(False)
             if client_sock.family != socket.AF_UNIX:
                 client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.mirrors = [
-                _Mirror(conn.id, stats, ep, self.mirror_stats[str(ep)], self._throttle)
-                for ep in cfg.mirrors
-            ]
+            if cfg.mirrors:
+                if mirror_sampled(conn.peer, cfg.mirror_sample, conn.id):
+                    stats.connections_mirrored += 1
+                    conn.mirrors = [
+                        _Mirror(conn.id, stats, ep, self.mirror_stats[str(ep)], self._throttle)
+                        for ep in cfg.mirrors
+                    ]
+                    for m in conn.mirrors:
+                        m.mstats.connections += 1
+                else:
+                    stats.connections_not_mirrored += 1
             for m in conn.mirrors:
                 m.task = asyncio.create_task(self._connect_mirror(m))
             try:
@@ -952,6 +1059,10 @@ class ProxyServer:
                 outcome=outcome,
                 bytes_up=up_bytes,
                 bytes_down=down_bytes,
+                mirrors={
+                    str(m.endpoint): {"bytes": m.sent, "dropped_bytes": m.dropped}
+                    for m in conn.mirrors
+                },
             )
             if interrupted and outcome not in ("shutdown", "cancelled"):
                 raise asyncio.CancelledError
@@ -1072,7 +1183,6 @@ class ProxyServer:
     async def _send_mirrored(
         self, conn: _Connection, lease: Any, dst: socket.socket, n: int
     ) -> None:
-        stats = self.stats
         grace = self.config.mirror_grace
         side: list[tuple[_Mirror, asyncio.Task[int]]] = []
         for m in conn.mirrors:
@@ -1080,8 +1190,7 @@ class ProxyServer:
                 m.busy = True
                 side.append((m, asyncio.ensure_future(_mirror_send(lease, m.sock, n, grace))))
             else:
-                stats.mirror_dropped_bytes += n
-                m.mstats.dropped_bytes += n
+                m.count(0, n)
         try:
             await _send_all(lease, dst, n)
         finally:
@@ -1094,7 +1203,6 @@ class ProxyServer:
         """Mirror sends do not wait for socket space (MSG_DONTWAIT) beyond ``grace``; give
         their completions a few loop iterations (or ``grace``) to arrive, then a send still
         pending is cancelled."""
-        stats = self.stats
         for _ in range(_MIRROR_GRACE_ITERATIONS):
             if all(task.done() for _, task in side):
                 break
@@ -1110,12 +1218,9 @@ class ProxyServer:
             m.busy = False
             exc = None if task.cancelled() else task.exception()
             sent = task.result() if not task.cancelled() and exc is None else 0
-            stats.mirror_bytes += sent
             m.mstats.sends += 1
-            m.mstats.bytes += sent
+            m.count(sent, n - sent)
             if sent < n:
-                stats.mirror_dropped_bytes += n - sent
-                m.mstats.dropped_bytes += n - sent
                 if exc is not None:
                     m.fail("send_failed", exc)
                 elif not m.failed:
@@ -1214,7 +1319,12 @@ async def _serve_until_signalled(config: ProxyConfig, sock: socket.socket | None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)  # a late signal must not kill a clean exit
-    log.info("proxy_stopped", pid=os.getpid(), **server.stats.as_dict())
+    log.info(
+        "proxy_stopped",
+        pid=os.getpid(),
+        **server.stats.as_dict(),
+        mirrors=server.mirror_statistics(),
+    )
     return 0
 
 
@@ -1386,6 +1496,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="how long the main path may wait for a lagging mirror per chunk (default 0)",
     )
     p.add_argument(
+        "--mirror-sample",
+        type=_percent_arg,
+        default=100.0,
+        metavar="PERCENT",
+        help="mirror this percentage (0-100) of the connections, chosen by a stable hash "
+        "of the client's address: a connection is mirrored whole or not at all",
+    )
+    p.add_argument(
         "--connect-timeout",
         type=float,
         default=10.0,
@@ -1439,6 +1557,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _percent_arg(text: str) -> float:
+    """An argparse ``type=``: a percentage, 0-100 (``12.5`` or ``12.5%``)."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a percentage, 0-100")
+    return value
+
+
 def _seconds_arg(text: str) -> float:
     """An argparse ``type=``: a number of seconds, 0 or more."""
     try:
@@ -1469,6 +1598,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         connect_timeout=args.connect_timeout,
         mirror_lag=args.mirror_lag,
         mirror_grace=args.mirror_grace,
+        mirror_sample=args.mirror_sample,
         shutdown_timeout=args.shutdown_timeout,
         backend=args.backend,
         loop=args.loop,
