@@ -86,20 +86,34 @@ async def _expect_reset(sock: socket.socket) -> None:
 
 
 async def test_idle_connection_is_reset_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
+    """Client, upstream and mirror all see a reset: none takes the cut for an end."""
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.INFO, logger="aiofused.proxy")
-    async with listening() as lsock, proxy_to(lsock, idle_timeout=0.3) as proxy:
+    async with (
+        listening() as lsock,
+        listening() as msock,
+        running_proxy(
+            Endpoint("127.0.0.1", lsock.getsockname()[1]),
+            (Endpoint("127.0.0.1", msock.getsockname()[1]),),
+            idle_timeout=0.3,
+        ) as proxy,
+    ):
         client = socket.create_connection(proxy.address)
         client.setblocking(False)
         try:
             up, _ = await asyncio.wait_for(loop.sock_accept(lsock), 5)
-            with up:
+            mirror, _ = await asyncio.wait_for(loop.sock_accept(msock), 5)
+            with up, mirror:
                 await loop.sock_sendall(client, b"ping")
                 assert await asyncio.wait_for(loop.sock_recv(up, 16), 5) == b"ping"
+                assert await asyncio.wait_for(loop.sock_recv(mirror, 16), 5) == b"ping"
+                await loop.sock_sendall(up, b"pong")
+                assert await asyncio.wait_for(loop.sock_recv(client, 16), 5) == b"pong"
                 started = loop.time()
                 async with asyncio.timeout(5):
                     await _expect_reset(client)
                     await _expect_reset(up)
+                    await _expect_reset(mirror)
                 assert loop.time() - started >= 0.3
         finally:
             client.close()
@@ -132,3 +146,39 @@ async def test_upstream_that_takes_nothing_for_the_whole_timeout_is_idle() -> No
             client.close()
         await wait_idle(proxy)
     assert proxy.stats.idle_timeouts == 1
+
+
+async def test_slow_unix_upstream_is_not_cut(tmp_path: Any) -> None:
+    """A unix socket reports no byte counts: a send in flight counts as activity."""
+    loop = asyncio.get_running_loop()
+    path = str(tmp_path / "up.sock")
+    payload = os.urandom(4 * 1024 * 1024)
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen(1)
+    lsock.setblocking(False)
+    try:
+        async with running_proxy(
+            Endpoint(path=path), idle_timeout=0.25, buffer_size=1024 * 1024
+        ) as proxy:
+            client = socket.create_connection(proxy.address)
+            client.setblocking(False)
+            try:
+                up, _ = await asyncio.wait_for(loop.sock_accept(lsock), 5)
+                with up:
+                    sender = asyncio.create_task(loop.sock_sendall(client, payload))
+                    digest, got = hashlib.sha256(), 0
+                    async with asyncio.timeout(30):
+                        while got < len(payload):
+                            data = await loop.sock_recv(up, 32 * 1024)
+                            assert data, f"the upstream read an end of stream after {got} bytes"
+                            digest.update(data)
+                            got += len(data)
+                            await asyncio.sleep(0.01)
+                        await sender
+                    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+                    assert proxy.stats.idle_timeouts == 0
+            finally:
+                client.close()
+    finally:
+        lsock.close()

@@ -123,6 +123,10 @@ async def test_reaching_and_leaving_max_connections_are_logged(
         w3.close()
         await wait_idle(proxy)
         assert proxy.stats.max_connections_reached == 1
+        (fam,) = [
+            f for f in proxy.metric_families() if f.name == "aiofused_proxy_max_connections_reached"
+        ]
+        assert [x.value for x in fam.samples if x.name.endswith("_total")] == [1]
 
 
 async def test_bad_warn_interval_is_one_error_line() -> None:

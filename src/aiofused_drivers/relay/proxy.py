@@ -779,7 +779,11 @@ class ProxyServer:
             "connections_not_mirrored", "connections --mirror-sample left out", ["upstream"]
         )
         unmirrored.add_metric([up], st.connections_not_mirrored)
-        families: list[Metric] = [conns, active, chunks, nbytes, errors, unmirrored]
+        limited = counter(
+            "max_connections_reached", "times accepting stopped at --max-connections", []
+        )
+        limited.add_metric([], st.max_connections_reached)
+        families: list[Metric] = [conns, active, chunks, nbytes, errors, unmirrored, limited]
         mirrors = self.mirror_statistics()
         m_conns = counter("mirror_connections", "connections mirrored to a mirror", ["mirror"])
         m_lag = gauge(
