@@ -38,6 +38,35 @@ MAX_SECONDARY: Final = 64
 IORING_FSYNC_DATASYNC: Final = 1 << 0
 #: ``ASYNC_CANCEL`` flag: cancel every request matching the key.
 IORING_ASYNC_CANCEL_ALL: Final = 1 << 0
+#: ``timeout_flags`` bits (TIMEOUT, LINK_TIMEOUT).
+IORING_TIMEOUT_ABS: Final = 1 << 0
+IORING_TIMEOUT_BOOTTIME: Final = 1 << 2
+IORING_TIMEOUT_REALTIME: Final = 1 << 3
+IORING_TIMEOUT_ETIME_SUCCESS: Final = 1 << 5
+IORING_TIMEOUT_MULTISHOT: Final = 1 << 6
+#: Every ``timeout_flags`` bit a TIMEOUT/LINK_TIMEOUT may carry (``__io_timeout_prep``).
+IORING_TIMEOUT_VALID: Final = (
+    IORING_TIMEOUT_ABS
+    | IORING_TIMEOUT_BOOTTIME
+    | IORING_TIMEOUT_REALTIME
+    | IORING_TIMEOUT_ETIME_SUCCESS
+    | IORING_TIMEOUT_MULTISHOT
+)
+#: ``nop_flags`` bits: post ``len`` as the result; look up ``fd`` (a fixed slot with
+#: NOP_FIXED_FILE); look up registered buffer ``buf_index``; complete from task work.
+IORING_NOP_INJECT_RESULT: Final = 1 << 0
+IORING_NOP_FILE: Final = 1 << 1
+IORING_NOP_FIXED_FILE: Final = 1 << 2
+IORING_NOP_FIXED_BUFFER: Final = 1 << 3
+IORING_NOP_TW: Final = 1 << 4
+IORING_NOP_VALID: Final = 0x1F
+#: SEND/RECV carry ``IORING_RECVSEND_*`` in ``ioprio``; POLL_FIRST is the one without a
+#: provided or registered buffer (the others need BUFFER_SELECT or a fixed buffer).
+IORING_RECVSEND_POLL_FIRST: Final = 1 << 0
+IORING_SEND_ZC_REPORT_USAGE: Final = 1 << 3
+#: ``ioprio`` of READ/WRITE: class in bits 13-15, level in bits 0-2, hints between.
+IOPRIO_CLASS_SHIFT: Final = 13
+IOPRIO_LEVEL_MASK: Final = 0x7
 #: The bytes of a URING_CMD's ``cmd`` (the 80-byte ``cmd`` area of a 128-byte SQE).
 MAX_CMD_BYTES: Final = 80
 

@@ -21,8 +21,24 @@ from aiofused._abi import (
     EFAULT,
     EINVAL,
     EOPNOTSUPP,
+    ETIME,
+    IOPRIO_CLASS_SHIFT,
+    IOPRIO_LEVEL_MASK,
     IORING_ASYNC_CANCEL_ALL,
     IORING_FSYNC_DATASYNC,
+    IORING_NOP_FILE,
+    IORING_NOP_FIXED_BUFFER,
+    IORING_NOP_FIXED_FILE,
+    IORING_NOP_INJECT_RESULT,
+    IORING_NOP_VALID,
+    IORING_RECVSEND_POLL_FIRST,
+    IORING_SEND_ZC_REPORT_USAGE,
+    IORING_TIMEOUT_ABS,
+    IORING_TIMEOUT_BOOTTIME,
+    IORING_TIMEOUT_ETIME_SUCCESS,
+    IORING_TIMEOUT_MULTISHOT,
+    IORING_TIMEOUT_REALTIME,
+    IORING_TIMEOUT_VALID,
     MAX_CMD_BYTES,
     MSG_WAITALL,
     BufDir,
@@ -39,12 +55,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FIXED_FORM",
+    "NEVER_FAILS",
     "OPDEFS",
     "PLAIN_FORM",
     "Issue",
     "OpDef",
     "UringEnc",
+    "ioprio_error",
     "link_threshold",
+    "nop_result",
     "resolve_fd",
 ]
 
@@ -55,6 +74,13 @@ _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _CMD_FIXED = int(UringCmdFlag.FIXED)
 _CMD_FUSED_BUF = int(UringCmdFlag.FUSED_BUF)
 _DEST, _SRC = BufDir.DEST, BufDir.SRC
+#: ``Req.want`` of an op whose result never fails it (FSYNC, FALLOCATE, LINK_TIMEOUT):
+#: the kernel sets REQ_F_FAIL for them only when the request could not be issued at all
+#: (a bad file), so an error result neither severs a chain nor shows under
+#: CQE_SKIP_SUCCESS (issue 12, classes 7 and 9).
+NEVER_FAILS = -(1 << 62)
+_CLOCKS = IORING_TIMEOUT_BOOTTIME | IORING_TIMEOUT_REALTIME
+_SOCK_OPS = (Op.SEND, Op.RECV, Op.SEND_ZC)
 
 
 class Issue(enum.IntEnum):
@@ -114,6 +140,44 @@ class OpDef:
     def backend(self) -> bool:
         """Executed by a backend (leaf I/O)."""
         return self.issue is Issue.IO
+
+
+def ioprio_error(opdef: OpDef, ioprio: int) -> int:
+    """The init error for a non-zero ``ioprio`` on ``opdef``'s op, or 0.
+
+    READ/WRITE: an I/O priority (``ioprio_check_cap``): class 0 (none) with a level, or a
+    class above 3 is -EINVAL (a real-time class without CAP_SYS_NICE is -EPERM in the
+    kernel; aiofused does not check capabilities).  SEND/RECV: ``IORING_RECVSEND_*``
+    bits; only POLL_FIRST (and SEND_ZC's REPORT_USAGE) work without provided or
+    registered buffers.  Other ops: -EINVAL.
+    """
+    if not opdef.ioprio:
+        return EINVAL
+    op = opdef.op
+    if op in _SOCK_OPS:
+        allowed = IORING_RECVSEND_POLL_FIRST
+        if op is Op.SEND_ZC:
+            allowed |= IORING_SEND_ZC_REPORT_USAGE
+        return EINVAL if ioprio & ~allowed else 0
+    cls = (ioprio >> IOPRIO_CLASS_SHIFT) & 0x7
+    if cls > 3 or (cls == 0 and ioprio & IOPRIO_LEVEL_MASK):
+        return EINVAL
+    return 0
+
+
+def nop_result(core: RingCore, req: Req) -> int:
+    """What a NOP with ``nop_flags`` (kept in ``req.rw_flags``) completes with: an error
+    of the file or buffer it names, else the injected result (``req.nbytes``) or 0."""
+    flags = req.rw_flags
+    if flags & IORING_NOP_FILE:
+        if flags & IORING_NOP_FIXED_FILE:
+            if core.fixed_driver(req.fd) is None:
+                return EBADF
+        elif req.fd < 0 or not core.port.fd_is_open(req.fd):
+            return EBADF
+    if flags & IORING_NOP_FIXED_BUFFER and not 0 <= req.buf_index < len(core.reg_views):
+        return EFAULT
+    return req.nbytes if flags & IORING_NOP_INJECT_RESULT else 0
 
 
 def link_threshold(opdef: OpDef, rw_flags: int, nbytes: int) -> int:
@@ -187,6 +251,18 @@ def take_buffer(core: RingCore, req: Req, addr: Any, length: int, writable: bool
 
 
 def _prep_nop(core: RingCore, req: Req, sqe: Sqe) -> int:
+    flags = sqe.rw_flags
+    if not flags:
+        req.rw_flags = 0  # a recycled record may hold another op's flags
+        return 0
+    if flags & ~IORING_NOP_VALID:
+        return EINVAL
+    req.rw_flags = int(flags)
+    n = sqe.len & 0xFFFFFFFF  # the kernel reads the u32 len as the s32 result
+    req.nbytes = n - (1 << 32) if n >= 1 << 31 else n
+    fd = sqe.fd
+    req.fd = fd if type(fd) is int else -1
+    req.buf_index = sqe.buf_index
     return 0
 
 
@@ -280,6 +356,7 @@ def _prep_fsync(core: RingCore, req: Req, sqe: Sqe) -> int:
     if sqe.rw_flags & ~IORING_FSYNC_DATASYNC:
         return EINVAL
     req.rw_flags = int(sqe.rw_flags)
+    req.want = NEVER_FAILS
     return _file_only(core, req, sqe)
 
 
@@ -290,6 +367,7 @@ def _prep_fallocate(core: RingCore, req: Req, sqe: Sqe) -> int:
     req.offset = sqe.off
     req.nbytes = sqe.addr
     req.rw_flags = sqe.len
+    req.want = NEVER_FAILS
     return _file_only(core, req, sqe)
 
 
@@ -303,9 +381,27 @@ def _timeout_seconds(sqe: Sqe) -> float | None:
     return seconds
 
 
+def _timeout_flags_error(flags: int) -> int:
+    """``__io_timeout_prep``'s checks of ``timeout_flags``; ABS and MULTISHOT, which the
+    kernel takes, are refused here (-EINVAL: aiofused has no absolute or repeating
+    timers, SPEC R7)."""
+    if flags & ~IORING_TIMEOUT_VALID or flags & _CLOCKS == _CLOCKS:
+        return EINVAL
+    if flags & (IORING_TIMEOUT_ABS | IORING_TIMEOUT_MULTISHOT):
+        return EINVAL
+    return 0
+
+
 def _prep_timeout(core: RingCore, req: Req, sqe: Sqe) -> int:
     if sqe.len != 1 or sqe.buf_index or sqe.off < 0:
         return EINVAL
+    flags = sqe.rw_flags
+    if flags:
+        err = _timeout_flags_error(flags)
+        if err:
+            return err
+        if flags & IORING_TIMEOUT_ETIME_SUCCESS:
+            req.want = ETIME  # expiring is a success (a cancel still fails it)
     seconds = _timeout_seconds(sqe)
     if seconds is None:
         return EINVAL
@@ -317,10 +413,13 @@ def _prep_timeout(core: RingCore, req: Req, sqe: Sqe) -> int:
 def _prep_link_timeout(core: RingCore, req: Req, sqe: Sqe) -> int:
     if sqe.len != 1 or sqe.off != 0 or sqe.buf_index:
         return EINVAL
+    if sqe.rw_flags and _timeout_flags_error(sqe.rw_flags):
+        return EINVAL
     seconds = _timeout_seconds(sqe)
     if seconds is None:
         return EINVAL
     req.seconds = seconds
+    req.want = NEVER_FAILS  # its -ETIME/-ECANCELED fail nothing (io_req_task_link_timeout)
     return 0  # the position in a chain is checked by the link assembly
 
 

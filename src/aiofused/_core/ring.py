@@ -62,7 +62,9 @@ from aiofused._core.opdef import (
     Issue,
     OpDef,
     UringEnc,
+    ioprio_error,
     link_threshold,
+    nop_result,
     resolve_fd,
 )
 from aiofused._core.records import REQ_EDGES, LifecycleError, Req, ReqInput, ReqState
@@ -226,6 +228,7 @@ class RingCore(FusedCommands):
                 and chain is None
                 and not sqe.flags
                 and not sqe.ioprio
+                and not sqe.rw_flags
                 and not (self._deferred or self._barrier or self._issuing)
             ):
                 # A plain standalone NOP: nothing to check or track, its CQE at once.
@@ -240,7 +243,8 @@ class RingCore(FusedCommands):
                     chain, chain_failed = [req], bool(req.err)
                 elif req.err:
                     self._fail_unit([req])
-                    break  # SPEC R4
+                    if self._stop_on_error():
+                        break  # SPEC R4
                 else:
                     self._start(req, self._count(req), bool(req.flags & _F_DRAIN))
                 continue
@@ -249,12 +253,17 @@ class RingCore(FusedCommands):
             if linked:
                 continue
             unit, chain = chain, None
-            if self._end_chain(unit, chain_failed):
+            if self._end_chain(unit, chain_failed) and self._stop_on_error():
                 break  # the kernel stops only if the failing SQE ends the chain
         if chain is not None:  # SPEC L1: the last SQE ends the chain
             self._end_chain(chain, chain_failed)
         del sq[:i]
         return i
+
+    def _stop_on_error(self) -> bool:
+        """An init error that ends a unit stops ``submit`` (SPEC R4), unless the ring was
+        set up with ``SetupFlag.SUBMIT_ALL`` (``io_submit_sqes``)."""
+        return not self.flags & SetupFlag.SUBMIT_ALL
 
     def _end_chain(self, chain: list[Req], failed: bool) -> bool:
         """Start a complete chain, or fail it (SPEC L3); True if its last SQE failed init,
@@ -435,8 +444,10 @@ class RingCore(FusedCommands):
             self._skip_seen = True
         if flags & _F_DRAIN and self._skip_seen:
             return EOPNOTSUPP
-        if sqe.ioprio and not opdef.ioprio:
-            return EINVAL
+        if sqe.ioprio:
+            err = ioprio_error(opdef, sqe.ioprio)
+            if err:
+                return err
         if flags & _F_BUFSEL:
             return opdef.buffer_select_err
         return 0
@@ -450,9 +461,10 @@ class RingCore(FusedCommands):
         count = 0
         for r in reqs:
             count += RingCore._count(r)
-            if r.opcode == _OP_LINK_TIMEOUT and prev is not None and prev.lt is None:
-                # (A second LINK_TIMEOUT in a row failed init with -EINVAL: it stays an
-                # ordinary member, so the failed chain completes it with its errno.)
+            if r.opcode == _OP_LINK_TIMEOUT and prev is not None and prev.lt is None and not r.err:
+                # (A LINK_TIMEOUT that failed init, such as a second one in a row, is
+                # never armed on its target: it stays an ordinary member, so the failed
+                # chain completes it with its errno, issue 12 class 8.)
                 prev.lt = r
                 r.lt_target = prev
                 continue
@@ -542,9 +554,14 @@ class RingCore(FusedCommands):
                 self.finish(req, EIO, _COMPLETE)
 
     def _issue_io(self, req: Req) -> None:
-        if req.issue_err:
-            self.finish(req, req.issue_err, _COMPLETE)
-        elif req.fd < 0:
+        if req.issue_err or req.fd < 0:
+            if req.want < 0:
+                req.want = 0  # not issued at all: a failure even for FSYNC/FALLOCATE
+            self.finish(req, req.issue_err or EBADF, _COMPLETE)
+        elif req.want < 0 and not self.port.fd_is_open(req.fd):
+            # FSYNC/FALLOCATE fail (sever, show under SKIP) only when the kernel cannot
+            # get their file; what the syscall answers is just their result.
+            req.want = 0
             self.finish(req, EBADF, _COMPLETE)
         else:
             if not self.reg_kernel and req.opcode in PLAIN_FORM:
@@ -552,7 +569,7 @@ class RingCore(FusedCommands):
             self.port.start_io(req)
 
     def _issue_nop(self, req: Req) -> None:
-        self.finish(req, 0, _COMPLETE)
+        self.finish(req, nop_result(self, req) if req.rw_flags else 0, _COMPLETE)
 
     @staticmethod
     def _issue_link_timeout(req: Req) -> None:
@@ -653,11 +670,16 @@ class RingCore(FusedCommands):
         self.cancel_req(target, cancelled)
 
     def _disarm_link_timeout(self, req: Req) -> None:
+        """The target finished: its LINK_TIMEOUT completes -ECANCELED, armed or not (the
+        target never started), and that is no failure: only its own CQE_SKIP_SUCCESS
+        hides it (``io_disarm_next`` completes it apart from the chain's rest)."""
         lt = req.lt
         req.lt = None
         if lt is None or lt.state is _DONE or lt.state is _FREE or lt.fired:
             return
-        self.finish(lt, ECANCELED, _COMPLETE if lt.state is _INFLIGHT else _FAIL)
+        if lt.state is _PREPARED:
+            lt.state = REQ_EDGES[lt.state + _ISSUE]
+        self.finish(lt, ECANCELED, _COMPLETE)
 
     def _async_cancel(self, req: Req) -> None:
         key = req.target
@@ -671,10 +693,11 @@ class RingCore(FusedCommands):
             and r.opcode != _OP_ASYNC_CANCEL
             and r.opcode != _OP_LINK_TIMEOUT
         ]
-        if not targets:
-            self.finish(req, ENOENT, _COMPLETE)
-            return
         every = req.rw_flags & IORING_ASYNC_CANCEL_ALL
+        if not targets:
+            # With CANCEL_ALL the result is a count, 0 when nothing matched.
+            self.finish(req, 0 if every else ENOENT, _COMPLETE)
+            return
         if not every:
             targets = targets[:1]
         pending = len(targets)
@@ -685,8 +708,10 @@ class RingCore(FusedCommands):
             results.append(res)
             pending -= 1
             if pending == 0 and req.state is _INFLIGHT:
-                ok = sum(1 for r in results if r == 0) if every else 0
-                self.finish(req, ok if ok else results[0], _COMPLETE)
+                # CANCEL_ALL: how many were found (cancelled or already running), as
+                # __io_async_cancel counts every answer but -ENOENT.
+                found = sum(1 for r in results if r != ENOENT) if every else results[0]
+                self.finish(req, found, _COMPLETE)
 
         for t in targets:
             self.cancel_req(t, one)
@@ -761,7 +786,9 @@ class RingCore(FusedCommands):
             req.timer = None
             self.port.disarm_timer(timer)
         skip = req.flags & _F_SKIP
-        failed = res < req.want  # < 0, or short where that fails (SPEC L2)
+        # < 0, or short where that fails (SPEC L2); never started: failed whatever res
+        # says; an op whose result never fails it has want = NEVER_FAILS (SPEC L4).
+        failed = res < req.want or inp is _FAIL
         if not drop_cqe and (not skip or failed):
             on_cqe = req.on_cqe
             if on_cqe is not None:

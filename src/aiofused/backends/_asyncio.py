@@ -37,6 +37,8 @@ import fcntl
 import os
 import socket
 import stat
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -50,6 +52,7 @@ __all__ = ["BACKEND", "AsyncioBackend"]
 _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
 _SOCK_OPS = frozenset({Op.SEND, Op.RECV, Op.SEND_ZC})
+_SOCK_NONEMPTY = int(CqeFlag.SOCK_NONEMPTY)
 # 0 where the platform has no RWF_NOWAIT: every file op then goes to the pool.
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 _RWF_SYNC_ANY: int = getattr(os, "RWF_DSYNC", 0) | getattr(os, "RWF_SYNC", 0)
@@ -66,13 +69,15 @@ _NEW, _PARKED, _THREAD, _DONE = range(4)
 
 
 class _Op(BackendOp):
-    __slots__ = ("cfut", "complete", "done", "io", "owned", "sock", "state", "write")
+    __slots__ = ("cflags", "cfut", "complete", "done", "io", "owned", "sock", "state", "write")
 
     def __init__(self, io: IoOp, complete: Completion) -> None:
         self.io = io
         self.complete = complete
         self.state = _NEW
         self.done = 0
+        #: CQE flags of the result (SOCK_NONEMPTY).
+        self.cflags = 0
         self.sock: socket.socket | None = None
         self.owned = False
         self.write = False
@@ -267,10 +272,13 @@ class AsyncioBackend(Backend):
             if view is not buf:
                 view.release()
         h.done += n
-        if n and h.done < want and io.rw_flags & _MSG_WAITALL and h.sock is not None:
+        sock = h.sock
+        if n and h.done < want and io.rw_flags & _MSG_WAITALL and sock is not None:
             if h.state != _PARKED:
                 self._park(h)
             return False
+        if sock is not None and not h.write and n and h.done == want:
+            h.cflags = _sock_nonempty(sock)
         self._finish(h, h.done)
         return True
 
@@ -356,7 +364,7 @@ class AsyncioBackend(Backend):
             h.complete(res, CqeFlag.MORE)
             h.complete(0, CqeFlag.NOTIF)  # the data was copied: the buffer is free now
         else:
-            h.complete(res, 0)
+            h.complete(res, h.cflags)
 
     def cancel(self, handle: BackendOp, on_result: Callable[[int], None]) -> None:
         """Cancel a parked op or a pool job that has not started."""
@@ -387,6 +395,19 @@ class AsyncioBackend(Backend):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _sock_nonempty(sock: socket.socket) -> int:
+    """``CqeFlag.SOCK_NONEMPTY`` if a stream socket that just filled a RECV's buffer
+    still holds data (the kernel's ``msg_inq``; its datagram and seqpacket sockets do
+    not report it), else 0.  A RECV that got less than it asked for drained it."""
+    if sock.type != socket.SOCK_STREAM:
+        return 0
+    try:
+        left = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+    return _SOCK_NONEMPTY if left > 0 else 0
 
 
 def _pread(fd: int, buf: memoryview, offset: int, flags: int) -> int:

@@ -126,6 +126,7 @@ _EFAULT: Final = -errno.EFAULT
 _EINVAL: Final = -errno.EINVAL
 _EOPNOTSUPP: Final = -errno.EOPNOTSUPP
 _F_MORE: Final = int(CqeFlag.MORE)
+_F_SOCK_NONEMPTY: Final = int(CqeFlag.SOCK_NONEMPTY)
 _F_NOTIF: Final = int(CqeFlag.NOTIF)
 
 # Record states.
@@ -945,7 +946,9 @@ class UringBackend(Backend):
                     rec.pin = None
                     if type(pin) is _Export:
                         pin.release()
-                out.append((rec.complete, res, 0))
+                # Of a plain op's CQE flags only SOCK_NONEMPTY (a RECV that left data
+                # behind) means something to the ring.
+                out.append((rec.complete, res, flags & _F_SOCK_NONEMPTY))
                 rec.op = rec.complete = None
                 rec.state = _S_DONE
                 continue
