@@ -129,7 +129,9 @@ async def test_reaching_and_leaving_max_connections_are_logged(
         assert [x.value for x in fam.samples if x.name.endswith("_total")] == [1]
 
 
-async def test_bad_warn_interval_is_one_error_line() -> None:
+@pytest.mark.parametrize("option", ["--warn-interval", "--stats-interval"])
+@pytest.mark.parametrize("value", ["-1", "soon", "inf"])
+async def test_bad_interval_is_one_error_line(option: str, value: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -139,12 +141,12 @@ async def test_bad_warn_interval_is_one_error_line() -> None:
         "127.0.0.1:0",
         "--upstream",
         "127.0.0.1:1",
-        "--warn-interval",
-        "-1",
+        option,
+        value,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     (line,) = err.decode().splitlines()
-    assert "--warn-interval" in line and "'-1'" in line
+    assert option in line and repr(value) in line, line

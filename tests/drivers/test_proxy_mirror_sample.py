@@ -243,3 +243,51 @@ async def test_final_log_line_has_the_per_mirror_counters() -> None:
     row = stopped["mirrors"][f"127.0.0.1:{mirror}"]
     assert row["connections"] == 1 and row["bytes"] == 200_000
     assert row["dropped_bytes"] == 0 and row["lag_bytes"] == 0
+
+
+async def test_stats_interval_logs_the_lag_of_a_stalled_mirror() -> None:
+    """``--stats-interval``: ``proxy_stats`` lines while it runs, with each mirror's lag."""
+    loop = asyncio.get_running_loop()
+    stall = socket.socket()
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(4)  # accepted by the kernel, never read
+    try:
+        async with (
+            echo_server() as up,
+            proxy_process(
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"127.0.0.1:{up}",
+                "--mirror",
+                f"127.0.0.1:{stall.getsockname()[1]}",
+                "--stats-interval",
+                "0.2",
+            ) as p,
+        ):
+            name = f"127.0.0.1:{stall.getsockname()[1]}"
+            port = await p.port()
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            try:
+                payload = os.urandom(1024 * 1024)
+                async with asyncio.timeout(20):
+                    sender = asyncio.create_task(loop.sock_sendall(sock, payload))
+                    got = 0
+                    while got < len(payload):  # the echo: the main path is not held up
+                        got += len(await loop.sock_recv(sock, 65536))
+                    await sender
+                    count = 1
+                    while True:
+                        ev = await p.wait_event("proxy_stats", count=count)
+                        count += 1
+                        if ev["mirrors"][name]["lag_bytes"] > 512 * 1024:
+                            break
+                assert ev["mirrors"][name]["open"] == 1
+                assert ev["mirrors"][name]["bytes"] == len(payload)
+                assert ev["bytes_upstream"] == len(payload)
+            finally:
+                sock.close()
+            assert await p.stop() == 0
+    finally:
+        stall.close()

@@ -56,7 +56,9 @@ Semantics:
   when the interval ends.  Reaching ``max_connections`` is a warning
   (``max_connections_reached``: clients now wait in the listen backlog), and the end
   of that state is logged too (``max_connections_left``: the backlog has been
-  drained), with how long it lasted.
+  drained), with how long it lasted.  ``stats_interval`` logs the counters
+  (``proxy_stats``, with the per-mirror ones) that often; ``proxy_stopped`` has them
+  at exit.
 * **Workers.**  ``workers > 1`` forks that many processes, which share one listening
   socket that the parent bound (and closed once they had it).  It is bound without
   ``SO_REUSEPORT`` so that no other socket can bind the address: a second instance
@@ -211,6 +213,8 @@ class ProxyConfig:
     #: A repeated warning is logged at most once per this many seconds (per mirror or
     #: upstream), with the count of those held back.
     warn_interval: float = 10.0
+    #: Log the counters (``proxy_stats``, per mirror too) every this many seconds; 0: never.
+    stats_interval: float = 0.0
 
     @property
     def effective_pool_size(self) -> int:
@@ -250,6 +254,8 @@ class ProxyConfig:
             raise ValueError(f"--mirror-sample {self.mirror_sample:g}: there is no --mirror")
         if not self.warn_interval >= 0:
             raise ValueError(f"--warn-interval {self.warn_interval}: expected 0 or more seconds")
+        if not self.stats_interval >= 0:
+            raise ValueError(f"--stats-interval {self.stats_interval}: expected 0 or more seconds")
         if self.metrics is not None and self.workers > 1:
             raise ValueError(
                 f"--metrics with --workers {self.workers}: each worker counts on its own; "
@@ -700,6 +706,7 @@ class ProxyServer:
         self._next_id = 0
         self._slots: asyncio.Semaphore | None = None
         self._throttle = _Throttle(config.warn_interval)
+        self._stats_handle: asyncio.TimerHandle | None = None
         #: When accepting stopped at ``max_connections`` (None: not at the limit), and the
         #: number accepted since then (clients that had waited in the backlog).
         self._limited_since: float | None = None
@@ -832,6 +839,14 @@ class ProxyServer:
         self._listen_sock.setblocking(False)
         self._slots = asyncio.Semaphore(cfg.max_connections)
         self._accept_task = asyncio.create_task(self._accept_loop(), name="proxy-accept")
+        if cfg.stats_interval > 0:
+            loop = asyncio.get_running_loop()
+            self._stats_handle = loop.call_later(cfg.stats_interval, self._log_stats)
+
+    def _log_stats(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stats_handle = loop.call_later(self.config.stats_interval, self._log_stats)
+        log.info("proxy_stats", **self.stats.as_dict(), mirrors=self.mirror_statistics())
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
@@ -890,6 +905,9 @@ class ProxyServer:
                 log.error("relay_buffers_leaked", count=self.buffers_leaked)
             else:
                 self._driver.close_pool()
+        if self._stats_handle is not None:
+            self._stats_handle.cancel()
+            self._stats_handle = None
         self._throttle.close()
         self._closed.set()
 
@@ -1530,6 +1548,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "most once per this interval, with the count of those held back (0: every one)",
     )
     p.add_argument(
+        "--stats-interval",
+        type=_seconds_arg,
+        default=0.0,
+        metavar="SECONDS",
+        help="log the counters (proxy_stats: connections, bytes, per mirror bytes sent, "
+        "dropped and lag) every this many seconds (0: only at exit)",
+    )
+    p.add_argument(
         "--backend", choices=("auto", "uring", "asyncio"), default="auto", help="ring backend"
     )
     p.add_argument(
@@ -1608,6 +1634,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         loop=args.loop,
         metrics=args.metrics,
         warn_interval=args.warn_interval,
+        stats_interval=args.stats_interval,
     )
 
 
