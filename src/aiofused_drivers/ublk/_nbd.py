@@ -19,6 +19,16 @@ requests get an NBD error; bad magic, oversized (> 32 MiB) payload requests and 
 malformed handshake close that connection only.  A connection that goes away
 mid-request drops its partial payload buffer and lets in-flight requests finish
 without a reply: nothing stays lent.
+
+Bounds (what one client can make the server hold): a connection stops reading, at a
+request boundary, while it has ``max_inflight`` requests queued, ``max_connection_bytes``
+of request buffers and unsent replies, or :data:`MAX_QUEUED_REPLIES` replies not yet
+sent; it reads on once half of that is gone (replies sent, requests done).  A client
+that does not read its replies therefore stops being read, and costs a bounded amount.
+Request buffers themselves come from :class:`RequestBuffers` (bounded, no mapping per
+request); a connection that finds them spent waits for a release the same way.  A
+failure inside one connection (even MemoryError) closes that connection only; the
+accept loop logs and goes on.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from ._dispatch import recv_connections, report_ended
 from ._reqbuf import ReqBuf, RequestBuffers
 from ._targets import Target
 
-__all__ = ["Export", "ExportStats", "NbdServer"]
+__all__ = ["DEFAULT_CONNECTION_BYTES", "MAX_QUEUED_REPLIES", "Export", "ExportStats", "NbdServer"]
 
 log = get_logger(__name__)
 
@@ -53,6 +63,10 @@ _KNOWN_FLAGS: Final = int(
 )
 #: iovecs per sendmsg: a unix socket buffer takes ~200 KiB at a time anyway.
 _IOV_MAX: Final = 64
+#: Replies queued on one connection and not yet sent, at most (reading pauses there).
+MAX_QUEUED_REPLIES: Final = 4096
+#: Bytes of request buffers and unsent replies one connection may hold, by default.
+DEFAULT_CONNECTION_BYTES: Final = 64 << 20
 _EINVAL: Final = errno.EINVAL
 _ENOSPC: Final = errno.ENOSPC
 _EPERM: Final = errno.EPERM
@@ -123,15 +137,21 @@ class NbdServer:
         handshake_timeout: float = 30.0,
         max_inflight: int = 256,
         socket_buffer: int = 0,
+        max_connection_bytes: int = DEFAULT_CONNECTION_BYTES,
     ) -> None:
         if not exports:
             raise ValueError("at least one export")
+        if max_inflight < 1 or max_connection_bytes < 1:
+            raise ValueError("max_inflight and max_connection_bytes must be positive")
         self.exports = {e.name: e for e in exports}
         #: The export a client gets when it asks for the empty name.
         self.default_export = exports[0]
         self.buffers = buffers or RequestBuffers()
         self.handshake_timeout = handshake_timeout
         self.max_inflight = max_inflight
+        #: Request buffers plus unsent replies a connection may hold before it stops
+        #: reading (a single request larger than this is still served, alone).
+        self.max_connection_bytes = max_connection_bytes
         #: SO_SNDBUF/SO_RCVBUF of each connection (0: the kernel's default; the kernel
         #: caps it at net.core.wmem_max/rmem_max).  A READ reply is sent straight from
         #: its request buffer: room for whole replies saves partial sends and wakeups.
@@ -144,6 +164,9 @@ class NbdServer:
         self._ids = itertools.count(1)
         self._closing = False
         self.stats: collections.Counter[str] = collections.Counter()
+        #: Connections waiting for request buffers (the shared budget was spent).
+        self._buffer_waiters: dict[Connection, None] = {}
+        self.buffers.on_release.append(self._buffers_released)
 
     # ---- export lookup ----------------------------------------------------------------
 
@@ -217,20 +240,38 @@ class NbdServer:
         while not self._closing:
             try:
                 sock, peer = await loop.sock_accept(listener)
-            except OSError as e:
+            except Exception as e:  # EMFILE, ENOMEM, MemoryError...: never end accepting
                 if self._closing:
                     return
-                log.warning("nbd.accept_failed", error=str(e))
+                log.warning("nbd.accept_failed", error=str(e) or type(e).__name__)
                 await asyncio.sleep(0.05)
                 continue
             self._start_connection(sock, peer)
 
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
-        conn = Connection(self, sock, next(self._ids), peer)
-        task = asyncio.create_task(conn.run(), name=f"nbd-conn-{conn.id}")
+        """Start serving ``sock``; a failure here drops that connection only."""
+        try:
+            conn = Connection(self, sock, next(self._ids), peer)
+            task = asyncio.create_task(conn.run(), name=f"nbd-conn-{conn.id}")
+        except Exception as e:
+            log.error("nbd.connection_failed", error=str(e) or type(e).__name__)
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._connection_ended()
+            return
         conn.task = task
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
+
+    def _wait_for_buffers(self, conn: Connection) -> None:
+        self._buffer_waiters[conn] = None
+
+    def _buffers_released(self) -> None:
+        if self._buffer_waiters:
+            waiters = list(self._buffer_waiters)
+            self._buffer_waiters.clear()
+            for conn in waiters:
+                conn.maybe_resume()
 
     def _connection_ended(self) -> None:
         if self._channel is not None:
@@ -302,7 +343,10 @@ class Connection:
         self._discard = 0
         self._reading = False
         self._paused = False
+        self._resume_scheduled = False
         self._disc = False
+        #: Bytes this connection holds: request buffers, and replies not yet sent.
+        self.held = 0
         # send state
         self._out: collections.deque[tuple[Any, ReqBuf | None]] = collections.deque()
         self._flush_scheduled = False
@@ -432,18 +476,19 @@ class Connection:
         self.closed = True
         self.close_reason = reason
         self._stop_reading()
+        self.server._buffer_waiters.pop(self, None)
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
-        bufs = self.server.buffers
         if self._payload is not None:
-            bufs.release(self._payload)
+            self._release(self._payload)
             self._payload = None
             self._payload_req = None
-        while self._out:
-            _, rb = self._out.popleft()
+        out = self._out
+        while out:
+            rb = out.popleft()[1]
             if rb is not None:
-                bufs.release(rb)
+                self._release(rb)
         with contextlib.suppress(OSError):
             self.sock.close()
         self.log.info("nbd.disconnected", reason=reason, inflight=self.inflight)
@@ -456,7 +501,23 @@ class Connection:
 
     # ---- receive ------------------------------------------------------------------------
 
+    def _release(self, rb: ReqBuf) -> None:
+        self.held -= rb.nbytes
+        self.server.buffers.release(rb)
+
+    def _failed(self, where: str) -> None:
+        """An unexpected exception (MemoryError included) in a loop callback: this
+        connection closes, the server goes on."""
+        self.log.exception("nbd.connection_error", where=where)
+        self._close("internal error")
+
     def _on_readable(self) -> None:
+        try:
+            self._receive()
+        except Exception:
+            self._failed("receive")
+
+    def _receive(self) -> None:
         try:
             if self._payload is not None:
                 view = self._payload.view
@@ -512,9 +573,6 @@ class Connection:
                 self._payload_got += n
                 if self._payload_got == len(view):
                     self._payload_complete()
-                    if self.inflight >= self.server.max_inflight and not self._paused:
-                        self._paused = True
-                        self._stop_reading()
                 continue
             if self._discard:
                 n = min(avail, self._discard)
@@ -527,41 +585,71 @@ class Connection:
                 break
             if avail < _HDR_SIZE:
                 break
+            if self._over_limit():
+                self._pause()
+                break
             magic, flags, typ, cookie, offset, length = _HDR.unpack_from(rbuf, self._rpos)
-            self._rpos += _HDR_SIZE
             if magic != P.REQUEST_MAGIC:
                 self.log.warning("nbd.bad_request_magic", magic=hex(magic))
                 self._close("bad request magic")
                 return
-            self._request(flags, typ, cookie, offset, length)
-            if self.inflight >= self.server.max_inflight and not self._paused:
-                self._paused = True
-                self._stop_reading()
+            if not self._request(flags, typ, cookie, offset, length):
+                self._pause()  # no room for its buffer yet: the header stays unread
+                break
+            self._rpos += _HDR_SIZE
+            self.server.stats[_STAT_KEYS.get(typ) or f"cmd{typ}"] += 1
+            self._xstats.requests += 1
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
         elif self._wpos > _RBUF_SIZE - _HDR_SIZE:
             self._compact()
 
-    def _request(self, flags: int, typ: int, cookie: int, offset: int, length: int) -> None:
+    def _over_limit(self) -> bool:
+        srv = self.server
+        return (
+            self.inflight >= srv.max_inflight
+            or len(self._out) >= MAX_QUEUED_REPLIES
+            or self.held >= srv.max_connection_bytes
+        )
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._stop_reading()
+
+    def maybe_resume(self) -> None:
+        """Read on (soon) if paused and half of what paused it is gone."""
+        if not self._paused or self._resume_scheduled or self.closed:
+            return
+        srv = self.server
+        if (
+            self.inflight <= srv.max_inflight // 2
+            and len(self._out) <= MAX_QUEUED_REPLIES // 2
+            and self.held <= srv.max_connection_bytes // 2
+        ):
+            self._resume_scheduled = True
+            self._loop.call_soon(self._resume)
+
+    def _request(self, flags: int, typ: int, cookie: int, offset: int, length: int) -> bool:
+        """Act on one request header; False if its buffer cannot be had yet (nothing
+        consumed: it is parsed again on resume)."""
         driver = self._driver
         assert driver is not None
         size = self._size
         align = self._align - 1
-        self.server.stats[_STAT_KEYS.get(typ) or f"cmd{typ}"] += 1
-        self._xstats.requests += 1
         if flags & ~_KNOWN_FLAGS:
             self._error(cookie, _EINVAL, discard=length if typ == _WRITE else 0)
-            return
+            return True
         if self._shutting_down and typ != P.Cmd.DISC:
             self._error(cookie, errno.ESHUTDOWN, discard=length if typ == _WRITE else 0)
-            return
+            return True
         fua = UBLK_IO_F_FUA if flags & _FUA else 0
         if typ in (_READ, _WRITE):
             write = typ == _WRITE
             if length > P.MAX_PAYLOAD:
                 self.log.warning("nbd.oversized_request", cmd=typ, length=length)
                 self._close("oversized request")
-                return
+                return True
             err = 0
             if length == 0 or (offset | length) & align:
                 err = _EINVAL
@@ -571,8 +659,15 @@ class Connection:
                 err = _EPERM
             if err:
                 self._error(cookie, err, discard=length if write else 0)
-                return
+                return True
+            held = self.held
+            if held and held + length > self.server.max_connection_bytes:
+                return False
             rb = self.server.buffers.acquire(length)
+            if rb is None:  # every request buffer is in use: wait for a release
+                self.server._wait_for_buffers(self)
+                return False
+            self.held = held + length
             req = BlockRequest(
                 IoOp.WRITE if write else IoOp.READ,
                 offset,
@@ -587,7 +682,7 @@ class Connection:
                 self._payload = rb
                 self._payload_req = req
                 self._payload_got = 0
-                return
+                return True
             self.inflight += 1
             driver.queue_rq(req, self._q_id)
         elif typ == P.Cmd.FLUSH:
@@ -625,6 +720,7 @@ class Connection:
         else:
             self.log.info("nbd.unknown_command", cmd=typ)
             self._error(cookie, _EINVAL)
+        return True
 
     def _payload_complete(self) -> None:
         req = self._payload_req
@@ -669,7 +765,7 @@ class Connection:
         cookie, rb = req.ctx
         if self.closed:
             if rb is not None:
-                self.server.buffers.release(rb)
+                self._release(rb)
             return
         is_read = req.op == _IO_READ
         xstats = self._xstats
@@ -677,7 +773,7 @@ class Connection:
             xstats.errors += 1
             err = P.nbd_error(res if res < 0 else -errno.EIO)
             if rb is not None:
-                self.server.buffers.release(rb)
+                self._release(rb)
             if self._structured and is_read:
                 self._queue_out(P.structured_error_reply(cookie, err), None)
             else:
@@ -685,29 +781,37 @@ class Connection:
         elif is_read:
             xstats.read_bytes += req.length
             if self._structured:
-                self._out.append((P.read_reply_header(cookie, req.offset, req.length), None))
+                hdr = P.read_reply_header(cookie, req.offset, req.length)
             else:
-                self._out.append((P.simple_reply(cookie), None))
+                hdr = P.simple_reply(cookie)
+            self.held += len(hdr)
+            self._out.append((hdr, None))
             self._queue_out(rb.view, rb)
         else:
             if req.op == _IO_WRITE:
                 xstats.write_bytes += req.length
             if rb is not None:
-                self.server.buffers.release(rb)
+                self._release(rb)
             self._queue_out(P.simple_reply(cookie), None)
-        if self._paused and self.inflight < self.server.max_inflight // 2:
-            self._paused = False
-            self._loop.call_soon(self._resume)
+        self.maybe_resume()
 
     def _resume(self) -> None:
-        if self.closed or self._paused:
+        self._resume_scheduled = False
+        if self.closed or not self._paused:
             return
-        self._process()
+        self._paused = False
+        try:
+            self._process()
+        except Exception:
+            self._failed("resume")
+            return
         if not self.closed and not self._disc and not self._paused and not self._reading:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
 
     def _queue_out(self, data: Any, rb: ReqBuf | None) -> None:
+        if rb is None:
+            self.held += len(data)
         self._out.append((data, rb))
         if not self._flush_scheduled and not self._writing:
             self._flush_scheduled = True
@@ -717,8 +821,13 @@ class Connection:
         self._flush_scheduled = False
         if self.closed:
             return
+        try:
+            self._send()
+        except Exception:
+            self._failed("send")
+
+    def _send(self) -> None:
         out = self._out
-        bufs = self.server.buffers
         while out:
             iov = [item[0] for item in itertools.islice(out, _IOV_MAX)]
             want = sum(len(d) for d in iov)
@@ -737,10 +846,16 @@ class Connection:
                     sent -= n
                     out.popleft()
                     if rb is not None:
-                        bufs.release(rb)
+                        self._release(rb)
+                    else:
+                        self.held -= n
                 else:
                     out[0] = (memoryview(data)[sent:], rb)
+                    if rb is None:
+                        self.held -= sent
                     sent = 0
+            if total:
+                self.maybe_resume()
             if out and total < want:
                 if not self._writing:
                     self._loop.add_writer(self._fd, self._flush)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from aiofused import Ring, SetupFlag
 from aiofused.driver import BufferPool, get_logger
 
-from ._nbd import Export, NbdServer, export_from_spec
+from ._nbd import DEFAULT_CONNECTION_BYTES, Export, NbdServer, export_from_spec
 from ._reqbuf import RequestBuffers
 from ._server import RingHost, UblkServer
 from ._targets import Target, make_target
@@ -66,6 +66,8 @@ class BlockService:
         socket_buffer: int = 0,
         pool_buffers: int = 256,
         pool_buffer_size: int = 256 * 1024,
+        max_connection_bytes: int = DEFAULT_CONNECTION_BYTES,
+        buffer_memory: int = 1 << 30,
     ) -> None:
         self._specs = list(specs)
         self._given = list(targets)
@@ -84,7 +86,9 @@ class BlockService:
         self.pool_buffers = pool_buffers
         self.pool_buffer_size = pool_buffer_size
         self.pool: BufferPool | None = None
-        self.buffers = RequestBuffers()
+        self.max_connection_bytes = max_connection_bytes
+        self.buffer_memory = buffer_memory
+        self.buffers = RequestBuffers(max_bytes=buffer_memory)
         self._nbd: NbdServer | None = None
 
     @property
@@ -115,7 +119,7 @@ class BlockService:
             # Request buffers from a registered pool: fixed-buffer secondaries.
             self.pool = BufferPool(self.pool_buffers, self.pool_buffer_size)
             self.ring.register_buffers(self.pool)
-            self.buffers = RequestBuffers(pool=self.pool)
+            self.buffers = RequestBuffers(pool=self.pool, max_bytes=self.buffer_memory)
         self.host = RingHost(self.ring, self.ring.sq_entries)
         self.host.start()
         items: list[tuple[str, Target, bool]] = list(self._given)
@@ -150,6 +154,7 @@ class BlockService:
             self.buffers,
             max_inflight=self.max_inflight,
             socket_buffer=self.socket_buffer,
+            max_connection_bytes=self.max_connection_bytes,
         )
 
     def serve(self, listener: socket.socket) -> None:

@@ -115,6 +115,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="SO_SNDBUF/SO_RCVBUF per connection, capped by net.core.[wr]mem_max (0: default)",
     )
     serve.add_argument(
+        "--connection-memory",
+        type=size_arg(1 << 20),
+        default="64M",
+        metavar="SIZE",
+        help="request buffers and unsent replies one client may hold; its requests are "
+        "not read beyond that until it reads its replies",
+    )
+    serve.add_argument(
+        "--buffer-memory",
+        type=size_arg(32 << 20),
+        default="1G",
+        metavar="SIZE",
+        help="request buffer memory of a worker beyond the pool (at least 32M, the "
+        "largest request); clients wait when it is in use",
+    )
+    serve.add_argument(
         "--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="event loop"
     )
     serve.add_argument(
@@ -309,6 +325,8 @@ async def _serve(
             pool_buffers=args.pool_buffers,
             pool_buffer_size=args.pool_buffer_size,
             socket_buffer=args.socket_buffer,
+            max_connection_bytes=args.connection_memory,
+            buffer_memory=args.buffer_memory,
         )
         async with service:
             metrics = None
