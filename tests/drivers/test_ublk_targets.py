@@ -259,7 +259,7 @@ async def test_linear_out_of_space_is_an_error_not_corruption(ring_backend: str)
             assert await settle(srv.service) == NO_LEAKS
 
 
-_READ, _WRITE, _TRIM, _WRITE_ZEROES = 0, 1, 4, 6
+_READ, _WRITE, _FLUSH, _TRIM, _WRITE_ZEROES = 0, 1, 3, 4, 6
 _FUA, _NO_HOLE = 1 << 0, 1 << 1
 
 
@@ -335,6 +335,37 @@ async def test_loop_write_zeroes_falls_back_when_fallocate_fails(ring_backend: s
                     replies = sorted([await c.simple_reply() for _ in range(3)])
                     # FUA after the fallback: fsync of /dev/zero is EINVAL, an EINVAL reply.
                     assert replies == [(0, 1, b""), (0, 2, b""), (22, 3, b"")]
+                finally:
+                    await c.close()
+                assert await settle(srv.service) == NO_LEAKS
+        finally:
+            target.close()
+
+
+async def test_loop_fsync_errors_are_the_reply(ring_backend: str) -> None:
+    """FSYNC results are read, never assumed: they neither sever a link nor show
+    under CQE_SKIP_SUCCESS when they fail (as in the kernel), so a FLUSH or FUA WRITE
+    whose fsync fails (here the backing fd names /dev/zero: EINVAL) must answer that
+    error, and a good FLUSH still answers 0."""
+    with short_tmpdir() as d:
+        (path,) = _files(d, 1, 4 * MiB)
+        target = LoopTarget(path)
+        try:
+            async with serve(backend=ring_backend, targets=[("l", target, False)]) as srv:
+                c = await RawClient.connect(srv.sock_path)
+                try:
+                    await c.go("l")
+                    c.request(_FLUSH, 0, 0, cookie=1)
+                    assert await c.simple_reply() == (0, 1, b"")
+                    bad = os.open("/dev/zero", os.O_RDWR)
+                    os.dup2(bad, target.fd)
+                    os.close(bad)
+                    c.request(_FLUSH, 0, 0, cookie=2)
+                    assert await c.simple_reply() == (22, 2, b"")
+                    c.request(_WRITE, 0, 4096, cookie=3, flags=_FUA, payload=b"f" * 4096)
+                    assert await c.simple_reply() == (22, 3, b"")
+                    c.request(_WRITE, 0, 4096, cookie=4, payload=b"f" * 4096)
+                    assert await c.simple_reply() == (0, 4, b"")
                 finally:
                     await c.close()
                 assert await settle(srv.service) == NO_LEAKS

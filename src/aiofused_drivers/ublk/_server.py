@@ -5,13 +5,24 @@ each device gets a :class:`UblkServer` that arms every tag with ``FETCH_REQ`` an
 turns each fetched request into one submission chain, using the low-level API::
 
     FUSED_CMD(SUBMIT_IO, CQE_SKIP_SUCCESS|IO_LINK) + N secondaries (CQE_SKIP_SUCCESS)
-      [-> FSYNC(CQE_SKIP_SUCCESS|IO_LINK) per file, for FUA]
       -> COMMIT_AND_FETCH_REQ(result)
 
-so a request that succeeds costs one CQE: the next request arriving on its tag.  A
-failing member posts its own CQE and, by SPEC L4, silences the rest of the chain; the
-server then asks the target (:meth:`Target.fused_failed`, :meth:`Target.fsync_failed`)
-what to commit.
+so a READ or WRITE that succeeds costs one CQE: the next request arriving on its tag.
+A failing member posts its own CQE and, by SPEC L4, silences the rest of the chain; the
+server then asks the target (:meth:`Target.fused_failed`) what to commit.
+
+FSYNC and FALLOCATE are different: as in the kernel, their error result neither severs
+a link nor shows under CQE_SKIP_SUCCESS (only a request that could not be issued at all
+does).  So they form a *tail* that the server reads: linked among themselves (in
+order: the FALLOCATEs, then the FSYNCs), every member posting its CQE, and no commit
+linked behind them::
+
+    [FUSED_CMD(SKIP|LINK) + secondaries ->] [FALLOCATE(LINK)...] FSYNC(LINK)... FSYNC
+
+Once every member's CQE is in (a member that did not run posts -ECANCELED), the server
+commits, or asks the target (:meth:`Target.fallocate_failed`,
+:meth:`Target.fsync_failed`) about the first that failed.  If the fused command in
+front fails, the tail's CQEs are not posted (SPEC L4) and the tail is forgotten.
 
 Short transfers are continued, as ublk servers do (the kernel's ublk driver requeues
 the rest of a partly completed request): a secondary that moved fewer bytes than asked
@@ -67,6 +78,7 @@ KIND_ONESHOT: Final = 5
 KIND_FALLOC: Final = 6
 
 _SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
+_LINK: Final = int(SqeFlag.IO_LINK)
 _SKIP_LINK: Final = int(SqeFlag.CQE_SKIP_SUCCESS | SqeFlag.IO_LINK)
 IORING_FSYNC_DATASYNC: Final = 1
 _DEST: Final = int(BufDir.DEST)
@@ -116,6 +128,8 @@ class Ctx:
         "server",
         "short",
         "tag",
+        "tail_failed",
+        "tail_left",
         "ud",
     )
 
@@ -135,6 +149,9 @@ class Ctx:
         self.pieces: Sequence[Piece] = ()
         self.buf_dir = _DEST
         self.rounds = 0
+        #: CQEs of the tail still to come, and the first failure in it (kind, index, res).
+        self.tail_left = 0
+        self.tail_failed: tuple[int, int, int] | None = None
         self.attempt = 0
         #: The fds of the FSYNCs in the last submission (an FSYNC CQE names its index).
         self.fsync_fds: Sequence[int] = ()
@@ -334,6 +351,8 @@ class UblkServer:
             elif res < pieces[index].nbytes:
                 ctx.short.append((index, res))
         elif kind == KIND_FUSED:
+            ctx.tail_left = 0  # a tail behind it did not run and posts nothing (L4)
+            ctx.tail_failed = None
             if ctx.short:
                 self._continue(ctx)
                 return
@@ -342,13 +361,28 @@ class UblkServer:
                 # pieces: now the target decides about the secondaries that failed.
                 res = ctx.failed[0][1] if ctx.failed else -_EIO
             self._ask_target(ctx, self.target.fused_failed, res)
-        elif kind == KIND_FALLOC:
-            self._ask_target(ctx, self.target.fallocate_failed, (ud >> 32) & 0xFF, res)
-        elif kind == KIND_FSYNC:
-            fds = ctx.fsync_fds
-            index = (ud >> 32) & 0xFF
-            fd = fds[index] if index < len(fds) else -1
-            self._ask_target(ctx, self.target.fsync_failed, fd, res)
+        elif kind in (KIND_FALLOC, KIND_FSYNC):
+            if ctx.tail_left <= 0:
+                log.error("ublk.cqe_unexpected", q_id=q_id, tag=tag, kind=kind, res=res)
+                return
+            if res < 0 and res != -errno.ECANCELED and ctx.tail_failed is None:
+                ctx.tail_failed = (kind, (ud >> 32) & 0xFF, res)
+            ctx.tail_left -= 1
+            if ctx.tail_left == 0:
+                self._tail_done(ctx)
+
+    def _tail_done(self, ctx: Ctx) -> None:
+        failed, ctx.tail_failed = ctx.tail_failed, None
+        if failed is None:
+            self.submit_commit(ctx, ctx.result)
+            return
+        kind, index, res = failed
+        if kind == KIND_FALLOC:
+            self._ask_target(ctx, self.target.fallocate_failed, index, res)
+            return
+        fds = ctx.fsync_fds
+        fd = fds[index] if index < len(fds) else -1
+        self._ask_target(ctx, self.target.fsync_failed, fd, res)
 
     @staticmethod
     def _ask_target(ctx: Ctx, hook: Callable[..., None], *args: int) -> None:
@@ -384,9 +418,9 @@ class UblkServer:
         result: int,
         chain: bool,
     ) -> None:
-        """One fused command over ``pieces``; with ``chain``, the FSYNCs and the commit
-        linked behind it (one CQE only on failure), else nothing behind it (its CQE
-        always comes: the server goes on from there)."""
+        """One fused command over ``pieces``; with ``chain``, the commit (or the FSYNC
+        tail) linked behind it, else nothing behind it (its CQE always comes: the
+        server goes on from there)."""
         host = self.host
         n = len(pieces)
         q_id, tag, ud = ctx.q_id, ctx.tag, ctx.ud
@@ -410,8 +444,11 @@ class UblkServer:
             s.flags |= _SKIP
             s.user_data = ud | _UD_SEC | (i << 32)
         if chain:
-            self._prep_fsyncs(ctx, fsync_fds, IORING_FSYNC_DATASYNC)
-            self._prep_commit(ctx, result)
+            if fsync_fds:
+                ctx.result = result
+                self._prep_tail(ctx, 0, (), fsync_fds, IORING_FSYNC_DATASYNC)
+            else:
+                self._prep_commit(ctx, result)
         else:
             ctx.fsync_fds = fsync_fds
             ctx.result = result
@@ -450,30 +487,53 @@ class UblkServer:
     def submit_fallocate(
         self, ctx: Ctx, mode: int, pieces: Sequence[Piece], fsync_fds: Sequence[int]
     ) -> None:
-        host = self.host
-        host.reserve(len(pieces) + len(fsync_fds) + 1)
-        for p in pieces:
-            s = host.sqe()
-            s.prep_fallocate(p.fd, mode, p.file_offset, p.nbytes)
-            s.flags |= _SKIP_LINK
-            s.user_data = ctx.ud | _UD_FALLOC | (p.label << 32)
-        self._prep_fsyncs(ctx, fsync_fds)
-        self._prep_commit(ctx, 0)
+        ctx.result = 0
+        if not pieces and not fsync_fds:
+            self.submit_commit(ctx, 0)
+            return
+        self.host.reserve(len(pieces) + len(fsync_fds))
+        self._prep_tail(ctx, mode, pieces, fsync_fds)
 
     def submit_fsync(self, ctx: Ctx, fds: Sequence[int], result: int) -> None:
-        self.host.reserve(len(fds) + 1)
-        self._prep_fsyncs(ctx, fds)
-        self._prep_commit(ctx, result)
+        ctx.result = result
+        if not fds:
+            self.submit_commit(ctx, result)
+            return
+        self.host.reserve(len(fds))
+        self._prep_tail(ctx, 0, (), fds)
 
-    def _prep_fsyncs(self, ctx: Ctx, fds: Sequence[int], fsync_flags: int = 0) -> None:
-        """Linked FSYNCs; an FSYNC's CQE (it posts one only on failure) names its index."""
+    def _prep_tail(
+        self,
+        ctx: Ctx,
+        mode: int,
+        pieces: Sequence[Piece],
+        fds: Sequence[int],
+        fsync_flags: int = 0,
+    ) -> None:
+        """The FALLOCATEs of ``pieces`` then an FSYNC per fd, linked, each posting its
+        CQE (module doc); a FALLOCATE's CQE names its piece's label, an FSYNC's its
+        index in ``fds``.  The commit (``ctx.result``) follows once all are in."""
         host = self.host
         ctx.fsync_fds = fds
-        for i, fd in enumerate(fds):
+        ctx.tail_failed = None
+        ctx.tail_left = n = len(pieces) + len(fds)
+        ud = ctx.ud
+        i = 0
+        for p in pieces:
+            i += 1
+            s = host.sqe()
+            s.prep_fallocate(p.fd, mode, p.file_offset, p.nbytes)
+            if i < n:
+                s.flags |= _LINK
+            s.user_data = ud | _UD_FALLOC | (p.label << 32)
+        for index, fd in enumerate(fds):
+            i += 1
             s = host.sqe()
             s.prep_fsync(fd, fsync_flags)
-            s.flags |= _SKIP_LINK
-            s.user_data = ctx.ud | _UD_FSYNC | (i << 32)
+            if i < n:
+                s.flags |= _LINK
+            s.user_data = ud | _UD_FSYNC | (index << 32)
+        host.kick()
 
     def submit_commit(self, ctx: Ctx, result: int) -> None:
         self.host.reserve(1)
