@@ -5,7 +5,10 @@ fused commands on the request's own buffer.
 ``loop``    one backing file
 ``mirror``  N backing files: a WRITE is one primary with N secondaries, a READ goes
             to one healthy replica (round robin); a failed replica is logged and taken
-            out of service, the request is retried on the others
+            out of service, the request is retried on the others.  Running out of
+            space (ENOSPC, EDQUOT, EFBIG) on every replica is that request's error
+            (NBD_ENOSPC), not a replica failure; a replica out of space while another
+            took the write missed it, and leaves service
 ``linear``  the "generic lvm": logical extents mapped to (file, offset) in a mapping
             store (SQLite by default, :mod:`._mapping`), cached in memory and
             consulted before the fused command; unmapped ranges read as zeroes
@@ -43,6 +46,9 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+#: Errors that say "no room", not "broken": a request's error, not a replica's.
+NO_SPACE: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -354,6 +360,9 @@ class MirrorTarget(Target):
     def fused_failed(self, ctx: Ctx, res: int) -> None:
         iod = ctx.iod
         failed = {label for label, _ in ctx.failed}
+        if iod.op == IoOp.WRITE and failed:
+            self._write_failed(ctx, failed)
+            return
         for label, r in ctx.failed:
             self._fail(label, r)
         if not failed:
@@ -365,21 +374,40 @@ class MirrorTarget(Target):
                 return
             self.handle(ctx)
             return
-        if iod.op == IoOp.WRITE:
-            # Secondaries that did not fail have written: good if any replica is left.
-            if self.healthy:
-                if iod.flags & UBLK_IO_F_FUA:
-                    ctx.fsync_then_commit([self.fds[r] for r in self.healthy], iod.nr_bytes)
-                else:
-                    ctx.commit(iod.nr_bytes)
-            else:
-                ctx.commit(res)
-            return
         # READ: retry on another healthy replica.
         if self.healthy:
             self.handle(ctx)
         else:
             ctx.commit(res)
+
+    def _write_failed(self, ctx: Ctx, failed: set[int]) -> None:
+        """Replicas that did not fail have written: the write succeeded if any did, and
+        a replica that failed (out of space included) missed it and leaves service.
+        If none did, a replica that is merely full stays: the request fails with
+        ENOSPC (a broken one still leaves service)."""
+        iod = ctx.iod
+        wrote = [r for r in self.healthy if r not in failed]
+        full = [(label, r) for label, r in ctx.failed if -r in NO_SPACE]
+        for label, r in ctx.failed:
+            if wrote or -r not in NO_SPACE:
+                self._fail(label, r)
+        if wrote:
+            if iod.flags & UBLK_IO_F_FUA:
+                ctx.fsync_then_commit([self.fds[r] for r in self.healthy], iod.nr_bytes)
+            else:
+                ctx.commit(iod.nr_bytes)
+            return
+        if full:
+            log.warning(
+                "ublk.mirror_no_space",
+                offset=iod.start,
+                length=iod.nr_bytes,
+                replicas=sorted({label for label, _ in full}),
+                error=os.strerror(-full[0][1]),
+            )
+            ctx.commit(full[0][1])
+            return
+        ctx.commit(ctx.failed[0][1])
 
     def fsync_failed(self, ctx: Ctx, fd: int, res: int) -> None:
         """A replica that cannot make its data durable is taken out of service; the
@@ -407,12 +435,22 @@ class MirrorTarget(Target):
             punch(self.fds[r], offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        """Zero the range on every healthy replica; out of space on all of them is
+        ENOSPC (no replica leaves), see :meth:`_write_failed`."""
+        errors: dict[int, int] = {}
         for r in list(self.healthy):
             try:
                 zero_range(self.fds[r], offset, length, may_trim)
             except OSError as e:
-                self._fail(r, -(e.errno or errno.EIO))
-        if not self.healthy:
+                errors[r] = e.errno or errno.EIO
+        wrote = [r for r in self.healthy if r not in errors]
+        for r, err in errors.items():
+            if wrote or err not in NO_SPACE:
+                self._fail(r, -err)
+        if not wrote:
+            full = [err for err in errors.values() if err in NO_SPACE]
+            if full:
+                raise OSError(full[0], os.strerror(full[0]))
             raise OSError(errno.EIO, "no healthy replica")
 
     def close(self) -> None:
