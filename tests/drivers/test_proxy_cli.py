@@ -194,7 +194,7 @@ async def test_unix_listen_and_sigint(tmp_path: Any) -> None:
     assert not os.path.exists(path)
 
 
-async def test_reuseport_workers() -> None:
+async def test_workers_share_the_port() -> None:
     async with (
         echo_server() as up,
         proxy_process(
