@@ -2,14 +2,16 @@
 
 A store is a small key-value interface (:class:`MappingStore`); the default keeps the
 table in SQLite, so the mapping survives restarts.  An allocation is committed to the
-store before the data write that needs it is issued.
+store before the data write that needs it is issued, and only after the ``prepare``
+callback made the physical extent ready (the linear target zeroes it durably: a new
+extent's unwritten bytes read as zeroes, never as what the PV held before).
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 __all__ = ["MappingStore", "SqliteMappingStore"]
@@ -28,8 +30,11 @@ class MappingStore(Protocol):
         """The (pv, pe) of logical extent ``le``, or ``None`` if unmapped."""
         ...
 
-    def allocate(self, le: int) -> tuple[int, int]:
-        """Map ``le`` to a free physical extent (durably) and return it; ENOSPC if full."""
+    def allocate(
+        self, le: int, prepare: Callable[[int, int], None] | None = None
+    ) -> tuple[int, int]:
+        """Map ``le`` to a free physical extent (durably) and return it; ENOSPC if full.
+        ``prepare(pv, pe)`` runs first; if it raises, nothing is recorded."""
         ...
 
     def close(self) -> None: ...
@@ -94,13 +99,17 @@ class SqliteMappingStore:
         row = self._db.execute("SELECT pv, pe FROM extents WHERE le = ?", (le,)).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
 
-    def allocate(self, le: int) -> tuple[int, int]:
+    def allocate(
+        self, le: int, prepare: Callable[[int, int], None] | None = None
+    ) -> tuple[int, int]:
         existing = self.lookup(le)
         if existing is not None:
             return existing
         for pv, free in enumerate(self._free):
             if free:
                 pe = free[-1]
+                if prepare is not None:
+                    prepare(pv, pe)
                 self._db.execute("INSERT INTO extents (le, pv, pe) VALUES (?, ?, ?)", (le, pv, pe))
                 free.pop()
                 return pv, pe

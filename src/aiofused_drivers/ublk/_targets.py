@@ -13,7 +13,8 @@ fused commands on the request's own buffer.
             store (SQLite by default, :mod:`._mapping`), cached in memory and
             consulted before the fused command; unmapped ranges read as zeroes
             (a fused READ from ``/dev/zero`` into that part of the buffer) and are
-            allocated on first write
+            allocated on first write, the physical extent zeroed (and synced)
+            before the mapping is recorded, so its unwritten bytes read as zeroes
 
 Targets are built from a spec string ``KIND:ARGS`` by :func:`make_target`.
 """
@@ -489,9 +490,16 @@ class LinearTarget(Target):
             return m
 
     def _allocate(self, le: int) -> tuple[int, int]:
-        m = self.store.allocate(le)
+        m = self.store.allocate(le, self._zero_extent)
         self._cache[le] = m
         return m
+
+    def _zero_extent(self, pv: int, pe: int) -> None:
+        """Make physical extent ``pe`` of ``pv`` read as zeroes, durably, before it is
+        mapped (it may hold anything: an old volume, another extent's old data)."""
+        fd = self.pv_fds[pv]
+        zero_range(fd, pe << self._shift, self.extent, True)
+        os.fdatasync(fd)
 
     def _walk(self, start: int, length: int) -> list[tuple[int, int, int]]:
         """Split into (le, offset_in_extent, nbytes)."""
