@@ -333,3 +333,59 @@ def test_failed_fsync_in_a_hardlink_and_a_drain_behind_it() -> None:
 
 def test_opcode_names_are_kernel_numbers() -> None:
     assert int(Op.NOP) == 0 and int(Op.LINK_TIMEOUT) == 15
+
+
+# ---- class 1: IO_DRAIN on a chain member drains the next unit too ---------------------------
+
+
+def test_c1_drain_on_a_member_drains_the_chain_and_the_next_unit() -> None:
+    core, port = make_core()
+    read(core, 1, flags=LINK)
+    read(core, 2, flags=DRAIN)  # a member: the whole chain is drained ...
+    read(core, 3)  # ... and so is the unit after it (drain_next)
+    read(core, 4)  # which later units wait for (SPEC L5)
+    core.submit()
+    assert [e[1] for e in port.events if e[0] == "start"] == [1]
+    port.complete(1, 8)
+    port.complete(2, 8)
+    assert [e[1] for e in port.events if e[0] == "start"] == [1, 2, 3]
+    port.complete(3, 8)
+    assert [e[1] for e in port.events if e[0] == "start"] == [1, 2, 3, 4]
+    port.complete(4, 8)
+    port.assert_quiet()
+
+
+def test_c1_drain_next_crosses_submit_calls() -> None:
+    core, port = make_core()
+    read(core, 9)  # in flight: what a drained unit waits for
+    read(core, 1, flags=LINK)
+    read(core, 2, flags=DRAIN)
+    core.submit()
+    port.complete(9, 8)
+    port.complete(1, 8)
+    port.complete(2, 8)
+    read(core, 5)
+    read(core, 3)
+    core.submit()
+    # 5 is drained: it waits for nothing now, but 3 waits for it.
+    assert [e[1] for e in port.events if e[0] == "start"] == [9, 1, 2, 5]
+    port.complete(5, 8)
+    port.complete(3, 8)
+    port.assert_quiet()
+
+
+def test_c1_drain_on_the_head_drains_only_its_chain() -> None:
+    core, port = make_core()
+    read(core, 9)
+    read(core, 1, flags=LINK | DRAIN)
+    read(core, 2)
+    read(core, 3)
+    core.submit()
+    assert [e[1] for e in port.events if e[0] == "start"] == [9]
+    port.complete(9, 8)
+    assert [e[1] for e in port.events if e[0] == "start"] == [9, 1]
+    port.complete(1, 8)
+    port.complete(2, 8)
+    assert [e[1] for e in port.events if e[0] == "start"] == [9, 1, 2, 3]
+    port.complete(3, 8)
+    port.assert_quiet()

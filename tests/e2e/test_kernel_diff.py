@@ -20,6 +20,7 @@ from kdiff.harness import (
     HARDLINK,
     LINK,
     R_EPIPE,
+    R_ESTREAM,
     R_FILE,
     R_PIPE,
     R_SEQ,
@@ -119,6 +120,13 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(3, 255),
         SqeSpec(4, NOP),
         setup_flags=int(SetupFlag.SUBMIT_ALL),
+    ),
+    "c1 drain on a chain member": _b(
+        SqeSpec(1, WRITE, LINK, fd=f"r{R_FILE}.0", len=100, addr="b100"),
+        SqeSpec(2, SEND, DRAIN, fd=f"r{R_STREAM}.0", len=10, addr="b10"),
+        SqeSpec(3, RECV, LINK, fd=f"r{R_ESTREAM}.0", len=10, addr="b10"),
+        SqeSpec(4, LT, len=1, addr=SHORT),
+        SqeSpec(5, READ, fd=f"r{R_FILE}.0", len=10, addr="b10"),
     ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)

@@ -21,9 +21,8 @@ issue 12 numbers the classes):
   racing its target (the short one only guards ops that block for good), file offsets of
   -1 (the shared file position), writes that extend the file;
 * ``async`` (IOSQE_ASYNC, class 2), ``count`` (TIMEOUT with a count, class 5),
-  ``drain_member`` (IO_DRAIN after a chain's head, class 1), ``fused_op`` (opcode 128,
-  class 18), ``waitall_short`` (class 10), ``bufsel`` (class 17), ``null_buf``
-  (class 16): opt-in while they are open or artefacts (see ``benchmarks/kdiff.py``).
+  ``waitall_short`` (class 10), ``bufsel`` (class 17), ``null_buf`` (class 16): opt-in
+  while they are open or artefacts (see ``benchmarks/kdiff.py``).
 
 Every op that could block forever (a read of an empty pipe, eventfd or socket, a long
 TIMEOUT) is a "blocker": it is always followed by a short LINK_TIMEOUT, so a batch ends.
@@ -110,9 +109,7 @@ FEATURES = frozenset(
         "lt_after_lt",
     }
 )
-OPEN_FEATURES = frozenset(
-    {"async", "count", "drain_member", "fused_op", "waitall_short", "bufsel", "null_buf"}
-)
+OPEN_FEATURES = frozenset({"async", "count", "waitall_short", "bufsel", "null_buf"})
 DEFAULT_FEATURES = FEATURES - OPEN_FEATURES
 
 
@@ -466,6 +463,9 @@ def order_violations(
     of the drain check.
     """
     init_failed = {ud for ud, r, _ in kernel if r in _INIT_ERRORS}
+    # A chain that failed init gives its head -ECANCELED (with CQE_SKIP_SUCCESS on the
+    # head, the member's own errno is hidden): leave those out as well.
+    heads_cancelled = {ud for ud, r, _ in kernel if r == -errno.ECANCELED}
     pos: dict[int, int] = {}
     for i, (ud, _, _) in enumerate(cqes):
         pos.setdefault(ud, i)
@@ -480,15 +480,32 @@ def order_violations(
         ]
         if [pos[u] for u in seen] != sorted(pos[u] for u in seen):
             out.append(f"chain {seen} out of order")
-    for k, unit in enumerate(us):
-        if not batch.sqes[unit[0]].flags & DRAIN:
-            continue
+    for k in drained_units(batch):
+        unit = us[k]
         if any(batch.sqes[i].ud in init_failed for i in unit):
+            continue
+        if len(unit) > 1 and batch.sqes[unit[0]].ud in heads_cancelled:
             continue
         before = [batch.sqes[i].ud for u in us[:k] for i in u if batch.sqes[i].ud in pos]
         mine = [batch.sqes[i].ud for i in unit if batch.sqes[i].ud in pos]
+        after = [batch.sqes[i].ud for u in us[k + 1 :] for i in u if batch.sqes[i].ud in pos]
         if before and mine and max(pos[u] for u in before) > min(pos[u] for u in mine):
             out.append(f"drained unit {mine} before earlier {before}")
+        if after and mine and max(pos[u] for u in mine) > min(pos[u] for u in after):
+            out.append(f"later {after} before drained unit {mine}")
+    return out
+
+
+def drained_units(batch: Batch) -> list[int]:
+    """Indexes of the units the kernel drains: those with an IO_DRAIN member, and the
+    unit after one whose IO_DRAIN is on a member after its head (``drain_next``)."""
+    out = []
+    drain_next = False
+    for k, unit in enumerate(units(batch)):
+        flags = [batch.sqes[i].flags for i in unit]
+        if drain_next or any(f & DRAIN for f in flags):
+            out.append(k)
+        drain_next = any(f & DRAIN for f in flags[1:])
     return out
 
 

@@ -101,6 +101,7 @@ _RESULT, _NOTIF_IN, _RECYCLE = _I.RESULT, _I.NOTIF, _I.RECYCLE
 _ISSUE_IO, _ISSUE_CMD = Issue.IO, Issue.COMMAND
 _ZC = UringEnc.ZC
 _opdefs_get = OPDEFS.get
+_NO_FUSED = {op: d for op, d in OPDEFS.items() if op != Op.FUSED_CMD}
 _tuple_new = tuple.__new__
 _refcount = sys.getrefcount
 
@@ -145,6 +146,11 @@ class RingCore(FusedCommands):
             self.features |= Feature.FUSED_REQ
         self.port = port
         self.id = id(self)
+        #: The op table this ring knows: without FUSED_REQ, opcode 128 is as unknown as
+        #: any number the kernel lacks (-EINVAL, nothing after it a secondary: SPEC F1).
+        self._opdef_of: Callable[[int], OpDef | None] = (
+            _opdefs_get if self.fused_ok else _NO_FUSED.get
+        )
         # SQ: a fixed array of slots handed out in turn; ``_sq`` holds the pending ones.
         self._slots = [Sqe() for _ in range(self.sq_entries)]
         self._sq_mask = self.sq_entries - 1
@@ -172,6 +178,9 @@ class RingCore(FusedCommands):
         self._deferred: collections.deque[tuple[Req, int, bool]] = collections.deque()
         self._barrier = False
         self._skip_seen = False
+        #: An IO_DRAIN on a chain member after its head drains the next unit too
+        #: (``io_init_drain``'s drain_next), also across ``submit()`` calls.
+        self._drain_next = False
         self._cqe_seq = 0
         self._count_timeouts: list[tuple[int, int, Req]] = []
         self._tseq = itertools.count()
@@ -229,7 +238,7 @@ class RingCore(FusedCommands):
                 and not sqe.flags
                 and not sqe.ioprio
                 and not sqe.rw_flags
-                and not (self._deferred or self._barrier or self._issuing)
+                and not (self._deferred or self._barrier or self._issuing or self._drain_next)
             ):
                 # A plain standalone NOP: nothing to check or track, its CQE at once.
                 self._post_cqe(sqe.user_data, 0, 0)
@@ -239,6 +248,9 @@ class RingCore(FusedCommands):
                 i = self.take_secondaries(req, sq, i, n, int(sqe.nr_secondary))
             linked = req.flags & _LINK_FLAGS
             if chain is None:
+                if self._drain_next:
+                    self._drain_next = False
+                    req.flags |= _F_DRAIN  # the kernel sets REQ_F_IO_DRAIN on it
                 if linked:
                     chain, chain_failed = [req], bool(req.err)
                 elif req.err:
@@ -250,6 +262,8 @@ class RingCore(FusedCommands):
                 continue
             chain.append(req)
             chain_failed = chain_failed or bool(req.err)
+            if req.flags & _F_DRAIN and self._drain_checked(req):
+                self._drain_next = True  # SPEC L5: a member's drain drains the next unit
             if linked:
                 continue
             unit, chain = chain, None
@@ -410,7 +424,7 @@ class RingCore(FusedCommands):
         flags = sqe.flags
         if type(flags) is not int:  # user code may have made it an IntFlag
             flags = int(flags)
-        opdef = _opdefs_get(sqe.opcode)
+        opdef = self._opdef_of(sqe.opcode)
         req = self._new(sqe.user_data, sqe.opcode, flags, opdef)
         if primary is not None:
             req.primary = primary
@@ -435,6 +449,13 @@ class RingCore(FusedCommands):
         sqe.fd = -1  # the slot keeps no reference to the caller's objects
         sqe.addr = 0
         return req
+
+    @staticmethod
+    def _drain_checked(req: Req) -> bool:
+        """Whether ``req``'s IO_DRAIN passed ``io_init_req``'s drain check (its opcode
+        and flags were valid and drain was not disabled): errors after it leave the
+        drain in force."""
+        return req.opdef is not None and not req.flags & ~SQE_VALID_FLAGS and req.err != EOPNOTSUPP
 
     def _generic_init(self, req: Req, sqe: Sqe, opdef: OpDef) -> int:
         flags = req.flags
