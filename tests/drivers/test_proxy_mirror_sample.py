@@ -166,10 +166,10 @@ async def test_a_stalled_mirror_shows_its_lag_then_its_dropped_bytes() -> None:
                     await asyncio.sleep(0.01)
                 row = proxy.mirror_statistics()[name]
                 assert row["open"] == 1 and row["dropped_bytes"] == 0
-                # Most of the megabyte still sits in the proxy's socket to the mirror.
-                assert 512 * 1024 < row["lag_bytes"] <= 1024 * 1024, row
+                # Much of the megabyte still sits in the proxy's socket to the mirror.
+                assert 256 * 1024 < row["lag_bytes"] <= 1024 * 1024, row
                 fams = proxy.metric_families()
-                assert _metric(fams, "aiofused_proxy_mirror_lag_bytes", mirror=name) > 512 * 1024
+                assert _metric(fams, "aiofused_proxy_mirror_lag_bytes", mirror=name) > 256 * 1024
                 assert _metric(fams, "aiofused_proxy_mirror_connections_total", mirror=name) == 1
                 # 16 MiB more: the mirror's 4 MiB of lag is exceeded, it is cut.
                 await loop.sock_sendall(sock, os.urandom(16 * 1024 * 1024))
@@ -281,7 +281,7 @@ async def test_stats_interval_logs_the_lag_of_a_stalled_mirror() -> None:
                     while True:
                         ev = await p.wait_event("proxy_stats", count=count)
                         count += 1
-                        if ev["mirrors"][name]["lag_bytes"] > 512 * 1024:
+                        if ev["mirrors"][name]["lag_bytes"] > 256 * 1024:
                             break
                 assert ev["mirrors"][name]["open"] == 1
                 assert ev["mirrors"][name]["bytes"] == len(payload)
