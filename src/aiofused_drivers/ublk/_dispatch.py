@@ -9,6 +9,13 @@ one byte back on that socketpair when a connection it was given ends.
 
 Wire format on a worker's channel: parent -> worker, one byte per passed fd (the fd
 rides in the ancillary data); worker -> parent, ``b"x"`` per ended connection.
+
+A worker that dies while the server runs (a signal, an exit of its own) is logged
+(``nbd.worker_died``) and replaced by a new one (``nbd.worker_restarted``); the
+connections it served are gone, the others go on.  If workers keep dying (more than
+:data:`MAX_RESTARTS` within :data:`RESTART_WINDOW` seconds), the server gives up:
+every worker is stopped and the exit status is non-zero (1, or the dead worker's own
+non-zero code), never 0 after a worker died.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import os
 import selectors
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 from aiofused.driver import get_logger
 
@@ -30,6 +39,13 @@ log = get_logger(__name__)
 
 #: Connections handed over per ``recvmsg`` at most.
 _BATCH = 16
+#: Worker restarts allowed within RESTART_WINDOW seconds before the server gives up.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 30.0
+
+#: ``spawn(close)``: fork a worker and return (pid, the parent's end of its channel);
+#: the child closes the objects in ``close`` (the parent's sockets) first.
+Spawn = Callable[[Sequence[Any]], tuple[int, socket.socket]]
 
 
 def recv_connections(channel: socket.socket) -> list[socket.socket] | None:
@@ -62,11 +78,16 @@ class Dispatcher:
     """Parent side: accept on ``listener``, pass each connection to the least busy
     worker, until SIGTERM/SIGINT (forwarded to the workers) and every worker exited.
 
-    ``channels[i]`` is the parent's end of worker ``pids[i]``'s socketpair.
+    ``channels[i]`` is the parent's end of worker ``pids[i]``'s socketpair; with
+    ``spawn``, a worker that dies is replaced (module doc), else the server stops.
     """
 
     def __init__(
-        self, listener: socket.socket, channels: Sequence[socket.socket], pids: Sequence[int]
+        self,
+        listener: socket.socket,
+        channels: Sequence[socket.socket],
+        pids: Sequence[int],
+        spawn: Spawn | None = None,
     ) -> None:
         self.listener: socket.socket | None = listener
         self.channels = list(channels)
@@ -76,13 +97,17 @@ class Dispatcher:
         self._alive = [True] * len(pids)
         self._next = 0
         self._status = 0
+        self._spawn = spawn
+        self._restarts: list[float] = []
         self._sel = selectors.DefaultSelector()
+        self._wake: tuple[socket.socket, socket.socket] | None = None
 
     def run(self) -> int:
         """Serve until every worker exited; return the first non-zero exit code (or 0)."""
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
+        self._wake = (wake_r, wake_w)
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         sel = self._sel
@@ -183,12 +208,52 @@ class Dispatcher:
                 continue
             self._alive[i] = False
             code = os.waitstatus_to_exitcode(st)
-            if code > 0 and not self._status:
-                self._status = code
-            if self.listener is not None:
-                log.error("nbd.worker_exited", worker=pid, code=code)
+            if self.listener is None:  # shutting down: workers are expected to go
+                if code > 0 and not self._status:
+                    self._status = code
+                continue
+            how = {"signal": signal.Signals(-code).name} if code < 0 else {"code": code}
+            log.error("nbd.worker_died", worker=pid, connections=self.load[i], **how)
+            if not self._restart(i):
+                if not self._status:
+                    self._status = code if code > 0 else 1
                 self._stop_accepting()
                 self._on_signal(signal.SIGTERM, None)
+
+    def _restart(self, i: int) -> bool:
+        """Replace dead worker ``i``; False if restarts are not possible or too many."""
+        if self._spawn is None:
+            return False
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
+        if len(self._restarts) >= MAX_RESTARTS:
+            log.error(
+                "nbd.giving_up",
+                reason=f"{len(self._restarts)} worker restarts within {RESTART_WINDOW:.0f}s",
+            )
+            return False
+        self._restarts.append(now)
+        old = self.channels[i]
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(old)
+        old.close()
+        close: list[Any] = [self.listener, self._sel, *self.channels]
+        if self._wake is not None:
+            close.extend(self._wake)
+        try:
+            pid, channel = self._spawn(close)
+        except OSError as e:
+            log.error("nbd.worker_restart_failed", error=str(e))
+            return False
+        channel.setblocking(False)
+        self.channels[i] = channel
+        self._sel.register(channel, selectors.EVENT_READ, _bind(self._on_channel, i))
+        dead = self.pids[i]
+        self.pids[i] = pid
+        self.load[i] = 0
+        self._alive[i] = True
+        log.warning("nbd.worker_restarted", worker=pid, replaces=dead)
+        return True
 
 
 def _bind(fn: Callable[[int], None], i: int) -> Callable[[], None]:

@@ -375,29 +375,37 @@ def _prefork(
     listener: socket.socket, specs: Sequence[ExportSpec], args: argparse.Namespace, where: str
 ) -> int:
     """Fork ``--workers`` processes; this process accepts and hands each connection to
-    the least busy worker (:mod:`._dispatch`), forwarding SIGTERM/SIGINT."""
-    children: list[int] = []
-    channels: list[socket.socket] = []
-    for _ in range(args.workers):
+    the least busy worker (:mod:`._dispatch`), forwards SIGTERM/SIGINT, and replaces a
+    worker that dies."""
+
+    def spawn(close: Sequence[Any]) -> tuple[int, socket.socket]:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # child
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            _die_with_parent()
-            listener.close()
-            parent_end.close()
-            for ch in channels:
-                ch.close()
             code = 1
             try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent()
+                for obj in (listener, parent_end, *close):
+                    if obj is not None:
+                        with contextlib.suppress(OSError):
+                            obj.close()
                 code = _run_worker(child_end, specs, args, where, passed=True)
             finally:
                 os._exit(code)
         child_end.close()
+        return pid, parent_end
+
+    children: list[int] = []
+    channels: list[socket.socket] = []
+    for _ in range(args.workers):
+        pid, channel = spawn(channels)
         children.append(pid)
-        channels.append(parent_end)
+        channels.append(channel)
     log.info("nbd.dispatching", address=where, workers=children, pid=os.getpid())
-    status = Dispatcher(listener, channels, children).run()
+    status = Dispatcher(listener, channels, children, spawn).run()
     if args.socket:
         with contextlib.suppress(OSError):
             os.unlink(args.socket)
