@@ -1,6 +1,7 @@
 """``nbd serve --workers N`` as processes (issue 10, item 6): a worker killed by a
 signal is logged and replaced and the server goes on; workers that keep dying make it
-give up with a non-zero status, never 0."""
+give up with a non-zero status, never 0.  Also: Ctrl-C (SIGINT to the whole process
+group) is one clean shutdown, and ``--listen HOST:0`` logs the port it got."""
 
 from __future__ import annotations
 
@@ -175,3 +176,42 @@ async def test_workers_that_keep_dying_end_the_server_non_zero() -> None:
             assert code != 0, srv.log()
             assert srv.named("nbd.giving_up")
             assert len(srv.named("nbd.worker_died")) == 6
+
+
+@pytest.mark.timeout(60)
+async def test_ctrl_c_is_one_clean_shutdown_with_workers() -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: every process got it
+    once from the terminal and the workers once more from the parent, which they took
+    for a second Ctrl-C (nbd.forced_exit, exit 1)."""
+    with short_tmpdir() as d:
+        sock = os.path.join(d, "s.sock")
+        async with running("-e", "z=null:16M", "--socket", sock, "--workers", "2") as srv:
+            await srv.wait_event("nbd.listening", count=2)
+            await read_zeroes(sock, 2)
+            os.killpg(srv.proc.pid, signal.SIGINT)
+            assert await srv.wait_exit() == 0, srv.log()
+            assert not srv.named("nbd.forced_exit"), srv.log()
+            assert len(srv.named("nbd.stopped")) == 2
+            assert not os.path.exists(sock)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_listen_port_0_logs_the_bound_port(workers: str) -> None:
+    async with running("-e", "z=null:16M", "--listen", "127.0.0.1:0", "--workers", workers) as srv:
+        event = await srv.wait_event("nbd.listening")
+        host, _, port = event["address"].rpartition(":")
+        assert host == "127.0.0.1" and int(port) > 0, event
+        if workers == "2":
+            assert srv.named("nbd.dispatching")[0]["address"] == event["address"]
+        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", int(port)), 10)
+        c = RawClient(r, w)
+        try:
+            size, _ = await c.go("z")
+            assert size == 16 * MiB
+            c.request(0, 0, 4096, cookie=5)
+            assert await c.simple_reply(4096) == (0, 5, bytes(4096))
+        finally:
+            await c.close()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert await srv.wait_exit() == 0, srv.log()

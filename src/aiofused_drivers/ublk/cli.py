@@ -159,10 +159,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return nbd
 
 
-def _where(args: argparse.Namespace) -> str:
+def _where(args: argparse.Namespace, listener: socket.socket | None = None) -> str:
+    """The address, as logged; with the bound ``listener``, its real port (port 0
+    asks the kernel for one)."""
     if args.socket:
         return f"unix:{args.socket}"
     host, port = args.listen
+    if listener is not None:
+        port = listener.getsockname()[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -263,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(e), status=2) from None
     check_backend(args.backend)
     listener = _bind(args)
-    where = _where(args)
+    where = _where(args, listener)
     if args.workers == 1:
         return _run_worker(listener, specs, args, where)
     return _prefork(listener, specs, args, where)
@@ -376,7 +380,11 @@ def _prefork(
 ) -> int:
     """Fork ``--workers`` processes; this process accepts and hands each connection to
     the least busy worker (:mod:`._dispatch`), forwards SIGTERM/SIGINT, and replaces a
-    worker that dies."""
+    worker that dies.
+
+    Each worker runs in a process group of its own: a Ctrl-C at the terminal reaches
+    the parent only, which passes it on once (a worker that got it twice, from the
+    terminal and from the parent, took the second as "give up at once")."""
 
     def spawn(close: Sequence[Any]) -> tuple[int, socket.socket]:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -387,6 +395,8 @@ def _prefork(
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_DFL)
+                with contextlib.suppress(OSError):
+                    os.setpgid(0, 0)
                 _die_with_parent()
                 for obj in (listener, parent_end, *close):
                     if obj is not None:
