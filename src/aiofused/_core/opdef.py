@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from aiofused._core.sqe import Sqe
 
 __all__ = [
+    "DIRECT_OPS",
     "FIXED_FORM",
     "NEVER_FAILS",
     "OPDEFS",
@@ -516,6 +517,14 @@ OPDEFS: dict[int, OpDef] = {
 #: READ/WRITE -> their registered-buffer forms, and back (same bytes moved).
 FIXED_FORM: dict[int, Op] = {int(Op.READ): Op.READ_FIXED, int(Op.WRITE): Op.WRITE_FIXED}
 PLAIN_FORM: dict[int, Op] = {int(fixed): Op(plain) for plain, fixed in FIXED_FORM.items()}
+
+#: Ops a backend may run as is when standalone and flagless (``Backend.start_direct``):
+#: one buffer, no registered-buffer index, one CQE.
+DIRECT_OPS: frozenset[int] = frozenset(
+    int(op)
+    for op, d in OPDEFS.items()
+    if d.uring & UringEnc.BUF and not d.uring & (UringEnc.FIXED | UringEnc.ZC | UringEnc.FALLOC)
+)
 
 
 def _check_table() -> None:

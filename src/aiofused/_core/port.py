@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiofused._core.records import Req
+from aiofused._core.sqe import Sqe
 
 __all__ = ["Port"]
 
@@ -23,6 +24,20 @@ class Port(Protocol):
         """Begin leaf op ``req`` on a backend, setting ``req.backend`` and ``req.handle``
         (what :meth:`cancel_io` needs); report with ``core.io_done(req, res, flags)`` or a
         batch through ``core.io_batch`` later, never from inside this call."""
+
+    #: ``start_direct(sqe)``: run standalone flagless ``sqe`` (a
+    #: :data:`~aiofused._core.opdef.DIRECT_OPS` op) as is, with no record, if the backend
+    #: can; False leaves it to the core.  Its completion comes through ``core.io_batch``
+    #: as ``(user_data, res, flags)``, never from inside this call.  (An attribute: the
+    #: runtime binds its backend's method, one call less per op.)
+    start_direct: Callable[[Sqe], bool]
+
+    def cancel_direct(
+        self, user_data: int | None, every: bool, on_result: Callable[[int], None]
+    ) -> int:
+        """Cancel the ops started by :meth:`start_direct` with ``user_data`` (all of them
+        with None; the first only unless ``every``); return how many cancels were started.
+        Each reports 0, -EALREADY or -ENOENT to ``on_result`` later, never at once."""
 
     def cancel_io(self, req: Req, on_result: Callable[[int], None]) -> None:
         """Ask the backend to cancel ``req``; ``on_result`` gets 0, -EALREADY or -ENOENT."""

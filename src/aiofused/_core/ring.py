@@ -57,6 +57,7 @@ from aiofused._abi import (
 )
 from aiofused._core.fused import FusedCommands
 from aiofused._core.opdef import (
+    DIRECT_OPS,
     OPDEFS,
     PLAIN_FORM,
     Issue,
@@ -242,6 +243,20 @@ class RingCore(FusedCommands):
             ):
                 # A plain standalone NOP: nothing to check or track, its CQE at once.
                 self._post_cqe(sqe.user_data, 0, 0)
+                continue
+            if (
+                sqe.opcode in DIRECT_OPS
+                and chain is None
+                and not (sqe.flags or sqe.ioprio or sqe.rw_flags)
+                and not (self._deferred or self._barrier or self._issuing)
+                and self.port.start_direct(sqe)
+            ):
+                # A standalone kernel op with no flags: the kernel's semantics are the
+                # ring's here, so the backend runs the SQE as is, with no record; its CQE
+                # comes back through io_batch as (user_data, res, flags).
+                self.live += 1
+                sqe.fd = -1
+                sqe.addr = 0
                 continue
             req = self.consume(sqe, chain[-1] if chain is not None else None)
             if req.command and req.is_fused:
@@ -615,7 +630,8 @@ class RingCore(FusedCommands):
             self.finish(req, res, _COMPLETE, flags)
 
     def io_batch(self, batch: list[tuple[Any, int, int]]) -> None:
-        """A backend's batch of completions, ``(req, res, flags)`` in completion order.
+        """A backend's batch of completions, ``(req, res, flags)`` in completion order
+        (``req`` is the user_data of an op the backend ran as is).
 
         Waiters are woken once, after the batch, and after the task work the batch
         queued (a primary whose secondaries came back), as the kernel runs task work
@@ -625,7 +641,9 @@ class RingCore(FusedCommands):
         try:
             for req, res, flags in batch:
                 try:
-                    if flags:
+                    if type(req) is int:
+                        self._direct_done(req, res, flags)
+                    elif flags:
                         self.io_done(req, res, flags)
                     else:
                         self.finish(req, res, _COMPLETE)
@@ -639,6 +657,13 @@ class RingCore(FusedCommands):
             else:
                 self.port.wake()
         self._batch_task_work = False
+
+    def _direct_done(self, user_data: int, res: int, flags: int) -> None:
+        """The CQE of an op the backend ran as is (see :meth:`submit`)."""
+        self._post_cqe(user_data, res, flags)
+        self.live -= 1
+        if self.live == 0 or self._deferred:
+            self._after_release()
 
     def _wake_waiters(self, _: object) -> None:
         if self.waiting:
@@ -721,8 +746,8 @@ class RingCore(FusedCommands):
             return
         if not every:
             targets = targets[:1]
-        pending = len(targets)
         results: list[int] = []
+        pending = 0
 
         def one(res: int) -> None:
             nonlocal pending
@@ -734,6 +759,12 @@ class RingCore(FusedCommands):
                 found = sum(1 for r in results if r != ENOENT) if every else results[0]
                 self.finish(req, found, _COMPLETE)
 
+        # Ops run as is are the backend's to find; their answers never come at once.
+        direct = self.port.cancel_direct(key, bool(every), one) if every or not targets else 0
+        pending = len(targets) + direct
+        if not pending:
+            self.finish(req, ENOENT, _COMPLETE)
+            return
         for t in targets:
             self.cancel_req(t, one)
 
@@ -767,6 +798,7 @@ class RingCore(FusedCommands):
         for req in list(self._inflight):
             if req.state is _INFLIGHT and req.opcode not in (_OP_ASYNC_CANCEL, _OP_LINK_TIMEOUT):
                 self.cancel_req(req, _ignore)
+        self.port.cancel_direct(None, True, _ignore)
 
     # ---- completion --------------------------------------------------------------------
 

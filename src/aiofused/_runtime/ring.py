@@ -65,6 +65,7 @@ class Ring(RingCore):
 
             self._fallback = AsyncioBackend(self.loop)
         self._backend.deliver = self._fallback.deliver = self.io_batch
+        self.start_direct = self._backend.start_direct
         kernel_ops = self._backend.supported_ops
         #: opcode -> the backend that runs it (the op table says which ops are leaf I/O).
         self._io_backend: dict[int, Backend] = {
@@ -269,6 +270,12 @@ class Ring(RingCore):
         backend = self._io_backend[req.opcode]
         req.backend = backend
         req.handle = backend.start(req, req)
+
+    def cancel_direct(
+        self, user_data: int | None, every: bool, on_result: Callable[[int], None]
+    ) -> int:
+        """Cancel ops the backend runs as is (:meth:`Backend.cancel_direct`)."""
+        return self._backend.cancel_direct(user_data, every, on_result)
 
     def cancel_io(self, req: Req, on_result: Callable[[int], None]) -> None:
         """Ask ``req``'s backend to cancel it."""

@@ -32,12 +32,15 @@ import dataclasses
 import importlib
 import os
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiofused._abi import Op
 from aiofused._core.records import IoOp
 from aiofused._errors import BackendUnavailable
 from aiofused._log import get_logger
+
+if TYPE_CHECKING:
+    from aiofused._core.sqe import Sqe
 
 __all__ = [
     "BACKENDS",
@@ -94,9 +97,10 @@ class Backend(abc.ABC):
         self.loop = loop
         #: Where a backend that reaps completions in batches (the uring backend: every
         #: CQE of one wake-up) hands them over: ``deliver([(complete, res, flags), ...])``,
-        #: in completion order.  By default each ``complete(res, flags)`` is called in
-        #: turn; a ring installs its own to take the whole batch in one call.
-        self.deliver: Callable[[list[tuple[Completion, int, int]]], None] = deliver_each
+        #: in completion order (an op taken by :meth:`start_direct` as ``(user_data, res,
+        #: flags)``).  By default each ``complete(res, flags)`` is called in turn; a ring
+        #: installs its own to take the whole batch in one call.
+        self.deliver: Callable[[list[tuple[Any, int, int]]], None] = deliver_each
 
     @classmethod
     @abc.abstractmethod
@@ -115,6 +119,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, handle: BackendOp, on_result: Callable[[int], None]) -> None:
         """Request cancellation of ``handle``; ``on_result`` gets 0, -EALREADY or -ENOENT."""
+
+    def start_direct(self, sqe: Sqe) -> bool:
+        """Run a standalone flagless READ/WRITE/SEND/RECV ``sqe`` as is, with no ring
+        record (a kernel backend copies it into its SQ): its completion goes to
+        :attr:`deliver` as ``(sqe.user_data, res, flags)``.  False (the default, and for
+        anything it does not take) leaves the op to the ring's general path."""
+        return False
+
+    def cancel_direct(
+        self, user_data: int | None, every: bool, on_result: Callable[[int], None]
+    ) -> int:
+        """Cancel ops taken by :meth:`start_direct` whose user_data is ``user_data`` (any
+        with None; the first only unless ``every``); return how many cancels started.
+        Each reports 0, -EALREADY or -ENOENT to ``on_result`` later, never at once."""
+        return 0
 
     def register_buffers(self, buffers: list[memoryview]) -> bool:
         """Register fixed buffers (the pool); return False if unsupported."""

@@ -62,14 +62,17 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from aiofused._abi import CqeFlag, Op
 from aiofused._abi import uring as abi
-from aiofused._core.opdef import OPDEFS, UringEnc
+from aiofused._core.opdef import DIRECT_OPS, OPDEFS, UringEnc
 from aiofused._errors import BackendUnavailable
 from aiofused._log import get_logger
 from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
+
+if TYPE_CHECKING:
+    from aiofused._core.sqe import Sqe
 
 __all__ = ["BACKEND", "UringBackend", "reset_probe_cache"]
 
@@ -105,6 +108,7 @@ _I_FALLOC: Final = int(UringEnc.FALLOC)  # addr carries op.nbytes (the length), 
 _K_PLAIN: Final = 0
 _K_ZC: Final = 1
 _K_CANCEL: Final = 2
+_K_DIRECT: Final = 3  # a standalone op the ring handed over as is (start_direct)
 
 #: opcode -> (kernel opcode number, record kind, _I_* flags), for every op the op table
 #: gives a kernel encoding.
@@ -244,7 +248,18 @@ class _Record(BackendOp):
     only for SEND_ZC.
     """
 
-    __slots__ = ("addr", "complete", "kind", "nbytes", "op", "pin", "sqe", "state", "zc")
+    __slots__ = (
+        "addr",
+        "complete",
+        "kind",
+        "nbytes",
+        "op",
+        "pin",
+        "sqe",
+        "state",
+        "user_data",
+        "zc",
+    )
 
     def __init__(self, kind: int, op: IoOp | None, complete: Any, pin: object) -> None:
         self.kind = kind
@@ -257,6 +272,8 @@ class _Record(BackendOp):
         self.zc: int
         self.addr: int
         self.nbytes: int
+        #: The ring's user_data of a direct op (its CQE goes back under it).
+        self.user_data: int
 
 
 # ---- probe --------------------------------------------------------------------------------
@@ -364,6 +381,10 @@ class UringBackend(Backend):
             raise BackendUnavailable(self.name, probe.reason)
         self._ops = probe.ops
         self._opinfo = {op: _OPINFO[op] for op in probe.ops}
+        #: opcode -> (opcode, _I_* flags) for what start_direct takes.
+        self._direct_info = {
+            int(op): (info[0], info[2]) for op, info in self._opinfo.items() if op in DIRECT_OPS
+        }
         if cq_entries is None:
             cq_entries = 4 * sq_entries
         self._closed = False
@@ -424,6 +445,8 @@ class UringBackend(Backend):
         self.overflow_flushes = 0
         self.eventfd_wakeups = 0
         self.watchdog_reaps = 0
+        #: Ops taken as is by start_direct (no ring record).
+        self.direct_ops = 0
         loop.add_reader(self._efd, self._on_eventfd)
         _OPEN.add(self)
         log.debug(
@@ -508,6 +531,80 @@ class UringBackend(Backend):
         if self._flush_handle is None:
             self._schedule_flush()
         return rec
+
+    def start_direct(self, sqe: Sqe) -> bool:
+        """Copy standalone flagless ``sqe`` into the SQ as is, with a record of its own
+        user_data, if it is a kernel op on an int fd with a writable bytearray or
+        memoryview that holds ``len`` bytes and the SQ has room (else False: the ring's
+        general path takes it, and gives any error)."""
+        info = self._direct_info.get(sqe.opcode)
+        fd = sqe.fd
+        if info is None or type(fd) is not int or fd < 0 or not self._sq_free:
+            return False
+        buf = sqe.addr
+        kind = type(buf)
+        if kind is bytearray:
+            size = len(buf)
+        elif kind is memoryview and buf.c_contiguous:
+            size = buf.nbytes
+        else:
+            return False
+        nbytes = sqe.len
+        if not 0 <= nbytes <= size or not size:
+            return False
+        try:
+            pin = _c_char_from_buffer(buf)  # writable buffers only
+        except (BufferError, TypeError, ValueError):
+            return False
+        # Safety: pin exports buf (it cannot move or be freed) until the record drops it,
+        # when the op's CQE has been reaped (_dispatch).
+        self.direct_ops += 1
+        rec = _Record(_K_DIRECT, None, None, pin)
+        rec.user_data = sqe.user_data
+        ud = id(rec)
+        self._inflight[ud] = rec
+        op, flags = info
+        tail = self._sq_tail
+        _pack_sqe(
+            self._sqes,
+            (tail & self._sq_mask) << 6,
+            op,
+            0,
+            0,
+            fd,
+            sqe.off & _U64 if flags & _I_OFFSET else 0,
+            _addressof(pin),
+            nbytes,
+            0,
+            ud,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        self._sq_tail = tail + 1
+        self._sq_free -= 1
+        if self._flush_handle is None:
+            self._schedule_flush()
+        return True
+
+    def cancel_direct(
+        self, user_data: int | None, every: bool, on_result: Callable[[int], None]
+    ) -> int:
+        """Submit an ASYNC_CANCEL for each direct op in the kernel with ``user_data``."""
+        n = 0
+        for ud, rec in list(self._inflight.items()):
+            if (
+                rec.kind == _K_DIRECT
+                and rec.state == _S_KERNEL
+                and (user_data is None or rec.user_data == user_data)
+            ):
+                self._submit_cancel(ud, on_result)
+                n += 1
+                if not every:
+                    break
+        return n
 
     def _schedule_flush(self) -> None:
         self._flush_handle = self.loop.call_soon(self._flush)
@@ -660,6 +757,7 @@ class UringBackend(Backend):
             return
         self._closing = True
         self._opinfo = {}  # start() now takes the general path, which refuses
+        self._direct_info = {}
         loop = self.loop
         # Ops that never reached the kernel are cancelled here.
         while self._backlog:
@@ -933,13 +1031,19 @@ class UringBackend(Backend):
         """Hand the batch's completions over in order: plain ops' in one ``deliver`` call
         (their buffers let go first), SEND_ZC and our cancels through their own paths."""
         inflight = self._inflight
-        out: list[tuple[Completion, int, int]] = []
+        out: list[tuple[Any, int, int]] = []  # (complete or a direct op's user_data, ...)
         for ud, res, flags in batch:
             rec = inflight.pop(ud, None)
             if rec is None:
                 log.warning("uring_stray_cqe", user_data=ud, res=res, flags=flags)
                 continue
-            if rec.kind == _K_PLAIN:
+            kind = rec.kind
+            if kind == _K_DIRECT:
+                rec.pin = None
+                rec.state = _S_DONE
+                out.append((rec.user_data, res, flags))
+                continue
+            if kind == _K_PLAIN:
                 # The op's final CQE: let go of the buffer, then complete.
                 pin = rec.pin
                 if pin is not None:

@@ -1,0 +1,234 @@
+"""Standalone flagless READ/WRITE/SEND/RECV on the uring backend run as is (no record).
+
+The ring hands such an SQE straight to the kernel (``Backend.start_direct``); these tests
+check that the ring's contract still holds for it: results, cancellation by user_data,
+close, drain, CQE counting by a TIMEOUT, and the buffer pinned until the CQE.  Every
+test also checks that the op really took that path (the backend's ``direct_ops``), and
+that what it must not take goes the general way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from aiofused import Cqe, Ring, SqeFlag
+from aiofused._abi import IORING_ASYNC_CANCEL_ALL
+from aiofused.backends._uring import UringBackend
+
+WAIT = 10.0
+
+
+@pytest.fixture
+async def ring() -> AsyncIterator[Ring]:
+    probe = UringBackend.probe()
+    if not probe.available:
+        pytest.skip(probe.reason)
+    async with Ring(64, backend="uring") as r:
+        yield r
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def direct(ring: Ring) -> int:
+    backend = ring._backend
+    assert isinstance(backend, UringBackend)
+    return backend.direct_ops
+
+
+async def cqes(ring: Ring, n: int) -> dict[int, Cqe]:
+    out: dict[int, Cqe] = {}
+    while len(out) < n:
+        cqe = await asyncio.wait_for(ring.wait_cqe(), WAIT)
+        ring.cqe_seen(cqe)
+        out[cqe.user_data] = cqe
+    return out
+
+
+async def test_file_and_socket_ops_run_direct(
+    ring: Ring, tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(8192))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = direct(ring)
+        buf = bytearray(4096)
+        ring.get_sqe().prep_read(fd, buf, 4096, 4096)  # type: ignore[union-attr]
+        src = bytearray(b"x" * 100)
+        ring.get_sqe().prep_write(fd, memoryview(src), 100, 8192)  # type: ignore[union-attr]
+        ring.get_sqe().prep_send(pair[0].fileno(), bytearray(b"hello"))  # type: ignore[union-attr]
+        rbuf = bytearray(16)
+        ring.get_sqe().prep_recv(pair[1].fileno(), rbuf)  # type: ignore[union-attr]
+        for i, sqe in enumerate(ring._sq):
+            sqe.user_data = i + 1
+        assert ring.submit() == 4
+        assert direct(ring) == before + 4
+        got = await cqes(ring, 4)
+        assert (got[1].res, got[2].res, got[3].res, got[4].res) == (4096, 100, 5, 5)
+        assert bytes(buf) == path.read_bytes()[4096:8192]
+        assert path.read_bytes()[8192:] == b"x" * 100
+        assert bytes(rbuf[:5]) == b"hello"
+        src.extend(b"!")  # unpinned once the CQE is reaped
+    finally:
+        os.close(fd)
+    assert ring.statistics()["in_flight"] == 0
+
+
+async def test_what_it_must_not_take_goes_the_general_way(ring: Ring, tmp_path: Path) -> None:
+    """Flags, a too-short buffer, a bad fd, bytes and a chain: the ring's own checks."""
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 64)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = direct(ring)
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, bytearray(8), 16, 0)  # longer than the buffer
+        s.user_data = 1
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(-1, bytearray(8), 8, 0)
+        s.user_data = 2
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_write(fd, b"read-only", 9, 0)
+        s.user_data = 3
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, bytearray(8), 8, 0)
+        s.flags |= SqeFlag.IO_LINK
+        s.user_data = 4
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, bytearray(8), 8, 0)
+        s.user_data = 5
+        assert ring.submit() == 5
+        got = await cqes(ring, 5)
+        assert got[1].res == -errno.EFAULT
+        assert got[2].res == -errno.EBADF
+        assert (got[3].res, got[4].res, got[5].res) == (9, 8, 8)
+        assert direct(ring) == before  # none of them ran as is
+    finally:
+        os.close(fd)
+
+
+async def test_cancel_by_user_data_finds_direct_ops(
+    ring: Ring, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    bufs = [bytearray(8) for _ in range(3)]
+    before = direct(ring)
+    for i, ud in enumerate((7, 7, 8)):
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_recv(pair[1].fileno(), bufs[i])
+        s.user_data = ud
+    ring.submit()
+    assert direct(ring) == before + 3
+    s = ring.get_sqe()
+    assert s is not None
+    s.prep_cancel(7, IORING_ASYNC_CANCEL_ALL)
+    s.user_data = 100
+    s = ring.get_sqe()
+    assert s is not None
+    s.prep_cancel(8)
+    s.user_data = 101
+    s = ring.get_sqe()
+    assert s is not None
+    s.prep_cancel(9)  # nothing has it
+    s.user_data = 102
+    ring.submit()
+    seen: list[Cqe] = []
+    while len(seen) < 6:
+        cqe = await asyncio.wait_for(ring.wait_cqe(), WAIT)
+        ring.cqe_seen(cqe)
+        seen.append(cqe)
+    by = {(c.user_data, c.res) for c in seen}
+    assert (100, 2) in by  # both RECVs with user_data 7
+    assert (101, 0) in by
+    assert (102, -errno.ENOENT) in by
+    assert sorted(c.res for c in seen if c.user_data in (7, 8)) == [-errno.ECANCELED] * 3
+    for b in bufs:
+        b.extend(b"!")  # every buffer unpinned
+    assert ring.statistics()["in_flight"] == 0
+
+
+async def test_close_cancels_direct_ops_and_unpins(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    probe = UringBackend.probe()
+    if not probe.available:
+        pytest.skip(probe.reason)
+    buf = bytearray(8)
+    async with Ring(8, backend="uring") as ring:
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_recv(pair[1].fileno(), buf)
+        s.user_data = 5
+        before = direct(ring)
+        ring.submit()
+        assert direct(ring) == before + 1
+        with pytest.raises(BufferError):
+            buf.extend(b"!")  # the kernel may write it: pinned
+        assert ring.statistics()["in_flight"] == 1
+    buf.extend(b"!")
+    assert ring.statistics()["in_flight"] == 0
+
+
+async def test_drain_waits_for_a_direct_op(
+    ring: Ring, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    buf = bytearray(8)
+    s = ring.get_sqe()
+    assert s is not None
+    s.prep_recv(pair[1].fileno(), buf)
+    s.user_data = 1
+    s = ring.get_sqe()
+    assert s is not None
+    s.prep_nop()
+    s.flags |= SqeFlag.IO_DRAIN
+    s.user_data = 2
+    before = direct(ring)
+    ring.submit()
+    assert direct(ring) == before + 1
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert ring.peek_cqe() is None  # the drained NOP waits for the RECV
+    pair[0].send(b"abc")
+    got = await cqes(ring, 2)
+    assert (got[1].res, got[2].res) == (3, 0)
+
+
+async def test_a_counting_timeout_counts_direct_cqes(ring: Ring, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"z" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_timeout(WAIT, count=1)
+        s.user_data = 1
+        ring.submit()
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, bytearray(4096), 4096, 0)
+        s.user_data = 2
+        before = direct(ring)
+        ring.submit()
+        assert direct(ring) == before + 1
+        got = await cqes(ring, 2)
+        assert (got[1].res, got[2].res) == (0, 4096)  # the count was met, not -ETIME
+    finally:
+        os.close(fd)
