@@ -20,6 +20,7 @@ import pytest
 
 from aiofused import Cqe, Ring, SqeFlag
 from aiofused._abi import IORING_ASYNC_CANCEL_ALL
+from aiofused._abi import uring as abi
 from aiofused.backends._uring import UringBackend
 
 WAIT = 10.0
@@ -230,5 +231,38 @@ async def test_a_counting_timeout_counts_direct_cqes(ring: Ring, tmp_path: Path)
         assert direct(ring) == before + 1
         got = await cqes(ring, 2)
         assert (got[1].res, got[2].res) == (0, 4096)  # the count was met, not -ETIME
+    finally:
+        os.close(fd)
+
+
+async def test_a_hard_enter_error_fails_direct_ops(
+    ring: Ring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQEs the kernel never consumed are taken back and fail with its errno, unpinned."""
+    path = tmp_path / "f"
+    path.write_bytes(b"q" * 64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        real = abi.io_uring_enter_raw
+        monkeypatch.setattr(abi, "io_uring_enter_raw", lambda *a: -errno.EFAULT)
+        buf = bytearray(32)
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, buf, 32, 0)
+        s.user_data = 9
+        before = direct(ring)
+        ring.submit()
+        assert direct(ring) == before + 1
+        got = await cqes(ring, 1)
+        assert got[9].res == -errno.EFAULT
+        buf.extend(b"unpinned")
+        assert ring.statistics()["in_flight"] == 0
+        monkeypatch.setattr(abi, "io_uring_enter_raw", real)
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, buf, 32, 0)
+        s.user_data = 10
+        ring.submit()
+        assert (await cqes(ring, 1))[10].res == 32
     finally:
         os.close(fd)

@@ -916,6 +916,11 @@ class UringBackend(Backend):
         self.loop.call_soon(self._finish_without_kernel, rec, res)
 
     def _finish_without_kernel(self, rec: _Record, res: int) -> None:
+        if rec.kind == _K_DIRECT:
+            if rec.pin is not None:  # else already finished
+                self._release(rec)
+                self.deliver([(rec.user_data, res, 0)])
+            return
         if rec.complete is None and rec.op is None:
             return  # already finished (failed twice, e.g. withdrawn then closed)
         complete = rec.complete
