@@ -648,7 +648,8 @@ class RingCore(FusedCommands):
                     else:
                         self.finish(req, res, _COMPLETE)
                 except Exception:
-                    self.port.log_error("completion_failed", exc=True, user_data=req.user_data)
+                    ud = req if type(req) is int else req.user_data
+                    self.port.log_error("completion_failed", exc=True, user_data=ud)
         finally:
             self._batching = False
         if self.waiting:
@@ -740,10 +741,6 @@ class RingCore(FusedCommands):
             and r.opcode != _OP_LINK_TIMEOUT
         ]
         every = req.rw_flags & IORING_ASYNC_CANCEL_ALL
-        if not targets:
-            # With CANCEL_ALL the result is a count, 0 when nothing matched.
-            self.finish(req, 0 if every else ENOENT, _COMPLETE)
-            return
         if not every:
             targets = targets[:1]
         results: list[int] = []
@@ -763,7 +760,8 @@ class RingCore(FusedCommands):
         direct = self.port.cancel_direct(key, bool(every), one) if every or not targets else 0
         pending = len(targets) + direct
         if not pending:
-            self.finish(req, ENOENT, _COMPLETE)
+            # With CANCEL_ALL the result is a count, 0 when nothing matched.
+            self.finish(req, 0 if every else ENOENT, _COMPLETE)
             return
         for t in targets:
             self.cancel_req(t, one)

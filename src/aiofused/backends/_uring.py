@@ -1046,7 +1046,7 @@ class UringBackend(Backend):
             if kind == _K_DIRECT:
                 rec.pin = None
                 rec.state = _S_DONE
-                out.append((rec.user_data, res, flags))
+                out.append((rec.user_data, res, flags & _F_SOCK_NONEMPTY))  # as below
                 continue
             if kind == _K_PLAIN:
                 # The op's final CQE: let go of the buffer, then complete.
