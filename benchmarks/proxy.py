@@ -22,8 +22,13 @@ and the medians are compared as ratios: absolute numbers on a shared 2-vCPU VM m
   payload-sized copy anywhere on the path would show up there).
 
 Variants: direct (no proxy); naive asyncio streams proxy on the default loop and on
-uvloop; asyncio ``Protocol`` proxy on uvloop; ``socat`` (if installed); aiofused on the
-default loop and on uvloop; aiofused on uvloop with one mirror.
+uvloop; asyncio ``Protocol`` proxy on uvloop; ``socat`` and HAProxy (``mode tcp``, one
+thread; if installed); aiofused on the default loop and on uvloop; aiofused on uvloop with
+one mirror.
+
+Targets (issue 11): rr proxy CPU per request <= 1.0x the Protocol proxy's, rr throughput
+>= 0.55x direct, rr with one mirror >= 0.85x without; bulk >= 1.0x the Protocol proxy,
+<= 0.6 CPU s/GiB, with one mirror >= 0.8x without.
 """
 
 from __future__ import annotations
@@ -441,7 +446,7 @@ def echo_rr(port: int, n: int) -> float:
 @dataclass
 class Variant:
     name: str
-    kind: str  # direct | streams | protocol | socat | aiofused
+    kind: str  # direct | streams | protocol | socat | haproxy | aiofused
     loop: str = "asyncio"
     mirrors: int = 0
     results: dict[str, list[float]] = field(default_factory=dict)
@@ -467,7 +472,18 @@ def proxy_for(
     port = free_port()
     env = dict(os.environ)
     info_file = None
-    if v.kind == "socat":
+    cfg = None
+    if v.kind == "haproxy":
+        fd, cfg = tempfile.mkstemp(prefix="aiofused-bench-haproxy-", suffix=".cfg")
+        with os.fdopen(fd, "w") as f:
+            f.write(
+                "global\n  maxconn 4096\n  nbthread 1\n"
+                "defaults\n  mode tcp\n  timeout connect 5s\n"
+                "  timeout client 60s\n  timeout server 60s\n"
+                f"listen p\n  bind 127.0.0.1:{port}\n  server s 127.0.0.1:{upstream}\n"
+            )
+        argv = ["haproxy", "-db", "-f", cfg]
+    elif v.kind == "socat":
         argv = [
             "socat",
             f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=512",
@@ -494,8 +510,12 @@ def proxy_for(
         argv = self_cmd("_serve", v.kind, str(port), str(upstream), v.loop)
     # aiofused's warnings (mirror cuts, ...) are part of the result; baselines stay quiet.
     stderr = None if v.kind == "aiofused" else subprocess.DEVNULL
-    with spawn(argv, port, env=env, stderr=stderr) as proc:
-        yield port, proc.pid
+    try:
+        with spawn(argv, port, env=env, stderr=stderr) as proc:
+            yield port, proc.pid
+    finally:
+        if cfg:
+            os.unlink(cfg)
     if info_file:
         with open(info_file) as f:
             text = f.read()
@@ -625,18 +645,30 @@ def report(variants: list[Variant], alloc: dict[str, Any] | None, rr_kind: str) 
         (f"bulk {best} / streams/asyncio", ratio(bulk(best), bulk("streams/asyncio")), 1.5, ">=")
     )
     checks.append(
-        (f"bulk {best} / protocol/uvloop", ratio(bulk(best), bulk("protocol/uvloop")), 0.8, ">=")
+        (f"bulk {best} / protocol/uvloop", ratio(bulk(best), bulk("protocol/uvloop")), 1.0, ">=")
     )
     checks.append(
-        (f"CPU s/GiB {best}", by[best].med("cpu_s_per_gib") if best in by else None, 0.8, "<=")
+        (f"CPU s/GiB {best}", by[best].med("cpu_s_per_gib") if best in by else None, 0.6, "<=")
     )
+
+    def cpu_req(name: str) -> float | None:
+        return by[name].med("cpu_us_per_req") if name in by else None
+
     for name in ("aiofused/asyncio", "aiofused/uvloop"):
+        checks.append(
+            (
+                f"rr CPU/req {name} / protocol/uvloop",
+                ratio(cpu_req(name), cpu_req("protocol/uvloop")),
+                1.0,
+                "<=",
+            )
+        )
         checks.append((f"rr {name} / direct", ratio(rr(name), rr("direct")), 0.55, ">="))
     checks.append(
         (
             "bulk mirror / no-mirror (uvloop)",
             ratio(bulk("aiofused/uvloop+mirror"), bulk("aiofused/uvloop")),
-            0.75,
+            0.8,
             ">=",
         )
     )
@@ -644,7 +676,7 @@ def report(variants: list[Variant], alloc: dict[str, Any] | None, rr_kind: str) 
         (
             "rr mirror / no-mirror (uvloop)",
             ratio(rr("aiofused/uvloop+mirror"), rr("aiofused/uvloop")),
-            0.75,
+            0.85,
             ">=",
         )
     )
@@ -727,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
         variants.insert(4, Variant("socat", "socat"))
     else:
         print("socat not installed: skipped (apt-get install socat)")
+    if shutil.which("haproxy"):
+        variants.insert(4, Variant("haproxy", "haproxy"))
+    else:
+        print("haproxy not installed: skipped (apt-get install haproxy)")
     if args.only:
         keep = set(args.only.split(",")) | {"direct"}
         variants = [v for v in variants if v.name in keep]
