@@ -389,3 +389,44 @@ def test_c1_drain_on_the_head_drains_only_its_chain() -> None:
     assert [e[1] for e in port.events if e[0] == "start"] == [9, 1, 2, 3]
     port.complete(3, 8)
     port.assert_quiet()
+
+
+# ---- class 5: what a counting TIMEOUT counts -------------------------------------------------
+
+
+def test_c5_cqes_posted_earlier_in_the_same_submit_count() -> None:
+    core, port = make_core()
+    sqe(core, 1, "nop")
+    sqe(core, 2, "nop")
+    sqe(core, 3, "timeout", 10.0, 2)
+    core.submit()
+    assert port.pairs() == [(1, 0), (2, 0), (3, 0)]
+    port.assert_quiet()
+
+
+def test_c5_a_drained_count_timeout_is_armed_after_them() -> None:
+    core, port = make_core()
+    read(core, 1)
+    sqe(core, 2, "nop")
+    sqe(core, 3, "timeout", 10.0, 1, flags=DRAIN)
+    core.submit()
+    port.complete(1, 8)  # the TIMEOUT is armed now: the NOP and the READ came before
+    assert port.pairs() == [(2, 0), (1, 8)]  # ... and do not count
+    port.fire(3)
+    assert port.pairs()[-1] == (3, ETIME)
+    port.assert_quiet()
+
+
+def test_c5_cancelled_timeout_counts_expired_one_does_not() -> None:
+    core, port = make_core()
+    sqe(core, 1, "timeout", 10.0, 2)
+    sqe(core, 2, "timeout", 10.0)
+    sqe(core, 3, "timeout", 0.001)
+    core.submit()
+    port.fire(3)  # expired: does not count
+    assert port.pairs() == [(3, ETIME)]
+    sqe(core, 4, "cancel", 2)
+    core.submit()
+    # The cancel's CQE and the cancelled TIMEOUT's: two.
+    assert sorted(port.pairs()) == sorted([(3, ETIME), (2, ECANCELED), (4, 0), (1, 0)])
+    port.assert_quiet()

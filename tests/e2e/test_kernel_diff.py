@@ -128,6 +128,22 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(4, LT, len=1, addr=SHORT),
         SqeSpec(5, READ, fd=f"r{R_FILE}.0", len=10, addr="b10"),
     ),
+    "c5 count TIMEOUT after CQEs of the same submit": _b(
+        SqeSpec(1, NOP), SqeSpec(2, NOP), SqeSpec(3, TIMEOUT, off=2, len=1, addr="t10000000")
+    ),
+    "c5 count TIMEOUT before CQEs": _b(
+        SqeSpec(1, TIMEOUT, off=1, len=1, addr="t10000000"), SqeSpec(2, NOP)
+    ),
+    "c5 a cancelled TIMEOUT's CQE counts, an expired one's not": _b(
+        SqeSpec(1, TIMEOUT, off=2, len=1, addr="t10000000"),
+        SqeSpec(2, TIMEOUT, len=1, addr="t5000000000"),
+        SqeSpec(3, CANCEL, addr="i2"),
+        SqeSpec(4, TIMEOUT, off=3, len=1, addr="t20000000"),
+        SqeSpec(5, TIMEOUT, len=1, addr="t1000000"),
+    ),
+    "c5 count TIMEOUT behind a chain": _b(
+        SqeSpec(1, NOP, LINK), SqeSpec(2, TIMEOUT, off=1, len=1, addr="t10000000")
+    ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)
     ),

@@ -230,6 +230,7 @@ class RingCore(FusedCommands):
         i = 0
         chain: list[Req] | None = None
         chain_failed = False
+        seq0 = self._cqe_seq
         while i < n:
             sqe = sq[i]
             i += 1
@@ -273,6 +274,8 @@ class RingCore(FusedCommands):
                     if self._stop_on_error():
                         break  # SPEC R4
                 else:
+                    if req.offset and req.opcode == _OP_TIMEOUT and self._cqe_seq != seq0:
+                        self._count_earlier(req, seq0)
                     self._start(req, self._count(req), bool(req.flags & _F_DRAIN))
                 continue
             chain.append(req)
@@ -288,6 +291,16 @@ class RingCore(FusedCommands):
             self._end_chain(chain, chain_failed)
         del sq[:i]
         return i
+
+    def _count_earlier(self, req: Req, seq0: int) -> None:
+        """A counting TIMEOUT issued by this ``submit()`` counts the CQEs the same call
+        posted before it: the kernel arms it from the CQ tail it cached, and flushes the
+        submission's completions after (R7).  Not when it waits behind a drain: it is
+        armed later then, after they were flushed."""
+        if self._deferred or self._barrier or (req.flags & _F_DRAIN and self.live):
+            return
+        left = req.offset - (self._cqe_seq - seq0)
+        req.offset = left if left > 0 else -1  # -1: reached at arming (0 means no count)
 
     def _stop_on_error(self) -> bool:
         """An init error that ends a unit stops ``submit`` (SPEC R4), unless the ring was
@@ -697,6 +710,8 @@ class RingCore(FusedCommands):
         if req.offset:
             target = self._cqe_seq + req.offset
             heapq.heappush(self._count_timeouts, (target, next(self._tseq), req))
+            if target <= self._cqe_seq:
+                self._flush_count_timeouts()
 
     def _timeout_fired(self, req: Req) -> None:
         req.timer = None
@@ -801,8 +816,8 @@ class RingCore(FusedCommands):
     # ---- completion --------------------------------------------------------------------
 
     def _post_cqe(self, user_data: int, res: int, flags: int, counts: bool = True) -> None:
-        """Append a CQE; ``counts``: it counts for TIMEOUTs with a count (a TIMEOUT's own
-        CQE does not)."""
+        """Append a CQE; ``counts``: it counts for TIMEOUTs with a count (an expired or
+        count-completed TIMEOUT's own CQE does not)."""
         cq = self.cq
         cq.append(_tuple_new(Cqe, (user_data, res, flags)))  # Cqe(...) without its __new__
         if len(cq) > self.cq_entries:
@@ -845,7 +860,14 @@ class RingCore(FusedCommands):
             if on_cqe is not None:
                 on_cqe(res, flags)
             else:
-                self._post_cqe(req.user_data, res, flags, req.opcode != _OP_TIMEOUT)
+                # A TIMEOUT's CQE does not count when it expired or its count was
+                # reached (the kernel's cq_timeouts); a cancelled one's does.
+                self._post_cqe(
+                    req.user_data,
+                    res,
+                    flags,
+                    req.opcode != _OP_TIMEOUT or (res != 0 and res != ETIME),
+                )
         if req.lt is not None:
             self._disarm_link_timeout(req)
         nxt = req.link
