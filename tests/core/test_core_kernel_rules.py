@@ -14,7 +14,9 @@ from aiofused._abi import (
     ECANCELED,
     EFAULT,
     EINVAL,
+    ENOBUFS,
     ENOENT,
+    EOPNOTSUPP,
     ETIME,
     IORING_ASYNC_CANCEL_ALL,
     IORING_NOP_FILE,
@@ -27,6 +29,7 @@ from aiofused._abi import (
     IORING_TIMEOUT_REALTIME,
     Op,
     SetupFlag,
+    SqeFlag,
 )
 
 WAITALL = 0x100
@@ -429,4 +432,30 @@ def test_c5_cancelled_timeout_counts_expired_one_does_not() -> None:
     core.submit()
     # The cancel's CQE and the cancelled TIMEOUT's: two.
     assert sorted(port.pairs()) == sorted([(3, ETIME), (2, ECANCELED), (4, 0), (1, 0)])
+    port.assert_quiet()
+
+
+# ---- classes 16, 17: the file before the buffer; BUFFER_SELECT taken, failing at issue ----
+
+
+def test_c17_buffer_select_is_taken_and_fails_at_issue() -> None:
+    core, port = make_core(open_fds=[5])
+    read(core, 1, flags=int(SqeFlag.BUFFER_SELECT))
+    sqe(core, 2, "recv", 5, bytearray(8), 8, flags=int(SqeFlag.BUFFER_SELECT))
+    sqe(core, 3, "send", 5, b"12345678", 8, flags=int(SqeFlag.BUFFER_SELECT))
+    read(core, 4, fd=9, flags=int(SqeFlag.BUFFER_SELECT))
+    assert core.submit() == 4
+    assert port.pairs() == [(1, ENOBUFS), (2, ENOBUFS), (3, ENOENT), (4, EBADF)]
+    sqe(core, 5, "write", 5, b"x", 1, flags=int(SqeFlag.BUFFER_SELECT))
+    assert core.submit() == 1
+    assert port.pairs()[-1] == (5, EOPNOTSUPP)
+    port.assert_quiet()
+
+
+def test_c16_a_closed_fd_is_ebadf_before_a_bad_buffer() -> None:
+    core, port = make_core(open_fds=[5])
+    sqe(core, 1, "read", 9, b"readonly", 8)
+    sqe(core, 2, "read", 5, b"readonly", 8)
+    core.submit()
+    assert port.pairs() == [(1, EBADF), (2, EFAULT)]
     port.assert_quiet()

@@ -17,6 +17,8 @@ from recording_port import FUSED, make_core, sqe
 
 from aiofused._abi import (
     EINVAL,
+    ENOBUFS,
+    ENOENT,
     EOPNOTSUPP,
     IORING_ASYNC_CANCEL_ALL,
     IORING_FSYNC_DATASYNC,
@@ -125,8 +127,16 @@ def _check_entry(opcode: int, d: OpDef) -> None:
     assert d.short_fails == (d.op in (Op.READ, Op.WRITE, Op.READ_FIXED, Op.WRITE_FIXED))
     # ioprio is a read/write field (SPEC R3).
     assert d.ioprio == (d.buf_dir is not None)
-    # BUFFER_SELECT: no provided-buffer rings here; on a FUSED_CMD primary -EINVAL (F2).
-    assert d.buffer_select_err == (EINVAL if d.op is Op.FUSED_CMD else EOPNOTSUPP)
+    # BUFFER_SELECT: on a FUSED_CMD primary -EINVAL (F2); READ/RECV/SEND take it and fail
+    # at issue, as the kernel does without a provided buffer group (issue 12, class 17);
+    # the rest -EOPNOTSUPP.
+    takes = {Op.READ: ENOBUFS, Op.RECV: ENOBUFS, Op.SEND: ENOENT}
+    if d.op is Op.FUSED_CMD:
+        assert d.buffer_select_err == EINVAL
+    elif d.op in takes:
+        assert (d.buffer_select_err, d.bufsel_issue_err) == (0, takes[d.op])
+    else:
+        assert (d.buffer_select_err, d.bufsel_issue_err) == (EOPNOTSUPP, 0)
     # The command ops are the only ones issued to a driver.
     assert (d.issue is Issue.COMMAND) == (d.op in (Op.URING_CMD, Op.FUSED_CMD))
 

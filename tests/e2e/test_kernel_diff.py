@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from kdiff import harness
 from kdiff.harness import (
+    BUFSEL,
     DRAIN,
     HARDLINK,
     LINK,
@@ -143,6 +144,20 @@ TARGETED: dict[str, Batch] = {
     ),
     "c5 count TIMEOUT behind a chain": _b(
         SqeSpec(1, NOP, LINK), SqeSpec(2, TIMEOUT, off=1, len=1, addr="t10000000")
+    ),
+    "c17 BUFFER_SELECT without a buffer group": _b(
+        SqeSpec(1, READ, BUFSEL, fd=f"r{R_FILE}.0", len=10, addr="b10"),
+        SqeSpec(2, RECV, BUFSEL, fd=f"r{R_STREAM}.0", len=10, addr="b10"),
+        SqeSpec(3, SEND, BUFSEL, fd=f"r{R_STREAM}.0", len=10, addr="b10"),
+        SqeSpec(4, READ, BUFSEL, fd=9999, len=10, addr="b10"),
+        SqeSpec(5, READ, BUFSEL, fd=f"r{R_FILE}.0", len=10, addr="i0"),
+        SqeSpec(6, WRITE, BUFSEL, fd=f"r{R_FILE}.0", len=10, addr="b10"),
+        SqeSpec(7, NOP),
+    ),
+    "c16 the file is looked up before the buffer": _b(
+        SqeSpec(1, READ, fd=9999, len=10, addr="i0"),
+        SqeSpec(2, READ, fd=-1, len=10, addr="i0"),
+        SqeSpec(3, READ, fd=f"r{R_FILE}.0", len=10, addr="i0"),
     ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)

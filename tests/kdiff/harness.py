@@ -20,8 +20,9 @@ issue 12 numbers the classes):
   a unit's head (the kernel's io-wq and task-work timing, classes 3, 4), a LINK_TIMEOUT
   racing its target (the short one only guards ops that block for good), file offsets of
   -1 (the shared file position), writes that extend the file;
-* ``async`` (IOSQE_ASYNC, class 2), ``count`` (TIMEOUT with a count, class 5),
-  ``waitall_short`` (class 10), ``bufsel`` (class 17), ``null_buf`` (class 16): opt-in
+* ``async`` (IOSQE_ASYNC, class 2), ``count`` (a counting TIMEOUT in chains behind
+  io-wq ops counts what the worker's timing lets it see, class 5), ``waitall_short``
+  (class 10), ``null_buf`` (a NULL buffer the kernel never touches, class 16): opt-in
   while they are open or artefacts (see ``benchmarks/kdiff.py``).
 
 Every op that could block forever (a read of an empty pipe, eventfd or socket, a long
@@ -109,7 +110,7 @@ FEATURES = frozenset(
         "lt_after_lt",
     }
 )
-OPEN_FEATURES = frozenset({"async", "count", "waitall_short", "bufsel", "null_buf"})
+OPEN_FEATURES = frozenset({"async", "count", "waitall_short", "null_buf"})
 DEFAULT_FEATURES = FEATURES - OPEN_FEATURES
 
 

@@ -197,4 +197,5 @@ EBUSY: Final = -errno.EBUSY
 EPERM: Final = -errno.EPERM
 ENOSPC: Final = -errno.ENOSPC
 ENXIO: Final = -errno.ENXIO
+ENOBUFS: Final = -errno.ENOBUFS
 EOF_: Final = 0

@@ -20,6 +20,8 @@ from aiofused._abi import (
     EBADF,
     EFAULT,
     EINVAL,
+    ENOBUFS,
+    ENOENT,
     EOPNOTSUPP,
     ETIME,
     IOPRIO_CLASS_SHIFT,
@@ -130,8 +132,11 @@ class OpDef:
     ioprio: bool = False
     #: A short result (res != requested length) fails the request, severing links.
     short_fails: bool = False
-    #: errno for ``IOSQE_BUFFER_SELECT`` on this op (no provided-buffer rings here).
+    #: errno for ``IOSQE_BUFFER_SELECT`` on this op at init (0: the op takes it).
     buffer_select_err: int = EOPNOTSUPP
+    #: errno an op that takes ``IOSQE_BUFFER_SELECT`` answers at issue, after its file
+    #: checks: no buffer group is ever provided here (READ/RECV -ENOBUFS, SEND -ENOENT).
+    bufsel_issue_err: int = 0
     #: The uring backend's encoding (``UringEnc.NONE``: not a kernel op here).
     uring: UringEnc = UringEnc.NONE
     #: The asyncio backend runs it.
@@ -464,8 +469,12 @@ _RW_DEST = _K.KERNEL | _K.BUF | _K.DEST
 _RW_SRC = _K.KERNEL | _K.BUF
 
 
+_BUFSEL_ISSUE = {Op.READ: ENOBUFS, Op.RECV: ENOBUFS, Op.SEND: ENOENT}
+
+
 def _io(op: Op, prep: Prep, buf_dir: BufDir, uring: UringEnc, *, secondary: bool) -> OpDef:
     """A leaf I/O op run by a backend (READ/WRITE/SEND/RECV and their variants)."""
+    bufsel = _BUFSEL_ISSUE.get(op, 0)
     return OpDef(
         op,
         prep,
@@ -475,6 +484,8 @@ def _io(op: Op, prep: Prep, buf_dir: BufDir, uring: UringEnc, *, secondary: bool
         buf_dir=buf_dir,
         ioprio=True,
         short_fails=op in (Op.READ, Op.WRITE, Op.READ_FIXED, Op.WRITE_FIXED),
+        buffer_select_err=0 if bufsel else EOPNOTSUPP,
+        bufsel_issue_err=bufsel,
         uring=uring,
         asyncio=op not in (Op.READ_FIXED, Op.WRITE_FIXED),
     )

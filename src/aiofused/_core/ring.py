@@ -41,6 +41,7 @@ from aiofused._abi import (
     EALREADY,
     EBADF,
     ECANCELED,
+    EFAULT,
     EINVAL,
     EIO,
     ENOENT,
@@ -463,6 +464,9 @@ class RingCore(FusedCommands):
             pass  # the primary failed: its secondaries are only consumed
         elif flags & _CHECKED_FLAGS or sqe.ioprio:
             req.err = self._generic_init(req, sqe, opdef) or opdef.prep(self, req, sqe)
+            if flags & _F_BUFSEL and not req.err and req.issue_err in (0, EFAULT):
+                # Taken, and failed at issue (no buffer group); its addr is not a buffer.
+                req.issue_err = opdef.bufsel_issue_err
         else:
             req.err = opdef.prep(self, req, sqe)
         if req.err and opdef is not None and opdef.issue is _ISSUE_CMD and not req.command:
@@ -606,7 +610,10 @@ class RingCore(FusedCommands):
         if req.issue_err or req.fd < 0:
             if req.want < 0:
                 req.want = 0  # not issued at all: a failure even for FSYNC/FALLOCATE
-            self.finish(req, req.issue_err or EBADF, _COMPLETE)
+            err = req.issue_err
+            if err != EBADF and err != EINVAL and (req.fd < 0 or not self.port.fd_is_open(req.fd)):
+                err = EBADF  # the kernel looks the file up before the buffer (SPEC R5)
+            self.finish(req, err or EBADF, _COMPLETE)
         elif req.want < 0 and not self.port.fd_is_open(req.fd):
             # FSYNC/FALLOCATE fail (sever, show under SKIP) only when the kernel cannot
             # get their file; what the syscall answers is just their result.
