@@ -68,7 +68,7 @@ async def _connect(path: str) -> RawClient:
 async def test_every_replica_full_is_enospc_and_keeps_the_data(ring_backend: str) -> None:
     with short_tmpdir() as d, small_fs(d, "a", "2m") as a, small_fs(d, "b", "2m") as b:
         paths = [_sparse(os.path.join(fs, "r.img"), 16 * MiB) for fs in (a, b)]
-        target = MirrorTarget(paths)
+        target = MirrorTarget(paths, state=os.path.join(d, "m.db"))
         data = os.urandom(MiB)
         try:
             async with serve(backend=ring_backend, targets=[("m", target, False)]) as srv:
@@ -122,7 +122,7 @@ async def test_one_full_replica_misses_the_write_and_leaves(ring_backend: str) -
             _sparse(os.path.join(a, "r0.img"), 16 * MiB),
             _sparse(os.path.join(d, "r1.img"), 16 * MiB),
         ]
-        target = MirrorTarget(paths)
+        target = MirrorTarget(paths, state=os.path.join(d, "m.db"))
         try:
             async with serve(backend=ring_backend, targets=[("m", target, False)]) as srv:
                 c = await _connect(srv.sock_path)

@@ -110,6 +110,7 @@ class BlockRequest:
         "offset",
         "on_done",
         "op",
+        "q_id",
         "refs",
         "tag",
     )
@@ -136,6 +137,7 @@ class BlockRequest:
         self.ended = False
         self.commit_result: int | None = None
         self.tag = -1
+        self.q_id = 0
         #: What a fused submit lends (default ``buf``), e.g. a registered pool slot.
         self.lend = buf if lend is None else lend
 
@@ -206,6 +208,9 @@ class UblkDriver:
         self.inflight = 0
         #: Fused submits currently holding a request buffer.
         self.lent = 0
+        #: ``end_hook(q_id, tag)`` runs as each request that reached a tag ends (before
+        #: its ``on_done``): the server side learns when its commit took effect.
+        self.end_hook: Callable[[int, int], None] | None = None
 
     # ---- block layer side ---------------------------------------------------------
 
@@ -216,6 +221,7 @@ class UblkDriver:
             req.on_done(req, -errno.ESHUTDOWN)
             return
         q = self._queues[q_id % self.nr_queues]
+        req.q_id = q.q_id
         self.inflight += 1
         if q.free_tags:
             self._start(q, q.free_tags.popleft(), req)
@@ -358,6 +364,12 @@ class UblkDriver:
             return
         req.ended = True
         self.inflight -= 1
+        hook = self.end_hook
+        if hook is not None and req.tag >= 0:
+            try:
+                hook(req.q_id, req.tag)
+            except Exception:
+                log.exception("ublk.end_hook_failed", q_id=req.q_id, tag=req.tag)
         try:
             req.on_done(req, res)
         except Exception:

@@ -283,6 +283,8 @@ class UblkServer:
         self.target = target
         self.dev_id = dev_id
         self.dfile: DriverFile = host.ring.register_driver(driver)
+        if target.wants_end:
+            driver.end_hook = target.request_ended
         self._ctx = [
             [Ctx(self, q, t, driver.iod(q, t)) for t in range(driver.queue_depth)]
             for q in range(driver.nr_queues)
@@ -327,6 +329,7 @@ class UblkServer:
             if res == UBLK_IO_RES_OK:
                 ctx = self._ctx[q_id][tag]
                 ctx.attempt = 0
+                ctx.scratch = None
                 ctx.failed.clear()
                 try:
                     self.target.handle(ctx)

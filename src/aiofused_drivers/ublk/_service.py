@@ -90,6 +90,8 @@ class BlockService:
         self.buffer_memory = buffer_memory
         self.buffers = RequestBuffers(max_bytes=buffer_memory)
         self._nbd: NbdServer | None = None
+        #: Targets whose start() ran (stop() is due).
+        self._started: list[Target] = []
 
     @property
     def nbd(self) -> NbdServer:
@@ -138,6 +140,8 @@ class BlockService:
             )
             server = UblkServer(self.host, exp.driver, target, dev_id)
             server.start()
+            target.start()
+            self._started.append(target)
             self.servers.append(server)
             self.exports.append(exp)
             log.info(
@@ -170,6 +174,12 @@ class BlockService:
         for server in self.servers:
             await server.stop()
         self.servers.clear()
+        for target in self._started:
+            try:
+                await target.stop()
+            except Exception:
+                log.exception("ublk.target_stop_failed", target=target.describe())
+        self._started.clear()
         host, self.host = self.host, None
         if host is not None:
             await host.close()

@@ -21,11 +21,13 @@ Targets are built from a spec string ``KIND:ARGS`` by :func:`make_target`.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from aiofused import BufDir
@@ -34,6 +36,7 @@ from aiofused.driver import parse_size as _parse_size
 
 from ._device import UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP, IoOp
 from ._mapping import MappingStore, SqliteMappingStore
+from ._mirrorstate import MirrorState
 from ._server import Ctx, Piece
 
 __all__ = [
@@ -138,6 +141,8 @@ class Target:
     kind: ClassVar[str] = ""
     #: Safe to serve the same export from several worker processes.
     multi_process: ClassVar[bool] = True
+    #: Told (:meth:`request_ended`) when each request it handled ended.
+    wants_end: ClassVar[bool] = False
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -167,6 +172,15 @@ class Target:
 
     def close(self) -> None:
         """Release files."""
+
+    def start(self) -> None:
+        """Called on the loop once the device is served (background work starts)."""
+
+    async def stop(self) -> None:
+        """Called on the loop once no request is served any more, before :meth:`close`."""
+
+    def request_ended(self, q_id: int, tag: int) -> None:
+        """The request on ``(q_id, tag)`` ended (its commit ran), if :attr:`wants_end`."""
 
     def describe(self) -> str:
         return self.kind
@@ -311,18 +325,52 @@ class LoopTarget(Target):
 
 
 class MirrorTarget(Target):
-    """RAID-1 over N files; see the module doc."""
+    """RAID-1 over N files; see the module doc.
+
+    Theory of operation (replica state, see :mod:`._mirrorstate`): ``healthy`` are the
+    replicas in sync (read and written), ``writable`` those written (``healthy`` plus
+    those being resynced).  Taking a replica out is recorded durably before the
+    request that found it fails or succeeds.  Every request that changes data
+    (WRITE, TRIM, WRITE_ZEROES) first marks its regions dirty (durably) and counts
+    itself in flight on them until it ends (:meth:`request_ended`); a cleaner clears
+    regions with nothing in flight once the replicas were synced after their last
+    write.  At start, stale replicas are resynced online (full copy from an in-sync
+    replica) and regions left dirty (writes were in flight at a crash) are copied from
+    one replica to the others; until then such a region is read from that one replica
+    only.  A region being copied is *locked*: requests that change it wait, and the
+    copy waits until nothing is in flight on it.  Copies run in a thread, a region at
+    a time, and log their progress.
+    """
 
     kind = "mirror"
     multi_process = False
+    wants_end = True
+    #: Seconds between two cleaner passes (tests shorten it).
+    clean_interval = 5.0
+    #: Seconds between two progress lines of a resync.
+    progress_interval = 2.0
 
-    def __init__(self, paths: Sequence[str], size: int | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        size: int | None = None,
+        state: str | None = None,
+        region: int | None = None,
+    ) -> None:
         if not paths:
             raise ValueError("mirror needs at least one replica")
         if len(paths) > 64:
             raise ValueError("mirror supports at most 64 replicas")
+        if region is not None and (region < 4096 or region & (region - 1)):
+            raise ValueError("mirror region must be a power of two >= 4096")
         self.paths = list(paths)
-        self.fds = [_open_rw(p, False) for p in paths]
+        self.state_path = state or f"{paths[0]}.mirror.db"
+        self.state = MirrorState(self.state_path, self.paths, region)
+        try:
+            self.fds = [_open_rw(p, False) for p in paths]
+        except OSError:
+            self.state.close()
+            raise
         sizes = [os.fstat(fd).st_size for fd in self.fds]
         if size is None:
             size = min(sizes)
@@ -330,32 +378,158 @@ class MirrorTarget(Target):
             if s < size:
                 os.ftruncate(fd, size)
         super().__init__(size)
-        self.healthy = list(range(len(paths)))
+        self.region_size = self.state.region_size
+        self._rshift = self.region_size.bit_length() - 1
+        self.healthy = self.state.in_sync()
+        stale = self.state.stale()
+        self.writable = sorted(self.healthy + stale)
+        #: Replicas waiting for (or in) their full resync.
+        self.resyncing = list(stale)
+        #: Regions left dirty by a crash, not yet made the same everywhere; read from
+        #: ``self.source`` only until then.
+        self.unsafe: set[int] = set(self.state.dirty) if len(self.writable) > 1 else set()
+        self.source = self.healthy[0]
         self._rr = 0
+        self._inflight: dict[int, int] = {}
+        self._written: dict[int, int] = {}
+        self._seq = 0
+        self._active: dict[tuple[int, int], tuple[int, int]] = {}
+        self._locked: set[int] = set()
+        self._deferred: dict[int, list[Ctx]] = {}
+        self._idle_waiter: tuple[int, asyncio.Future[None]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        if stale:
+            log.warning(
+                "ublk.mirror_stale_replicas",
+                replicas=stale,
+                paths=[self.paths[r] for r in stale],
+                events=[self.state.replica_events[r] for r in stale],
+                mirror_events=self.state.events,
+            )
+        if self.unsafe:
+            log.warning("ublk.mirror_dirty_regions", regions=len(self.unsafe))
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the cleaner, and the resync if anything needs one (on the loop)."""
+        self._tasks.append(asyncio.create_task(self._cleaner(), name="mirror-cleaner"))
+        if self.unsafe or self.resyncing:
+            self._tasks.append(asyncio.create_task(self._resync(), name="mirror-resync"))
+
+    async def stop(self) -> None:
+        """Stop the resync and the cleaner (a copy ends at its next chunk); with
+        nothing in flight, sync the replicas and clear the bitmap but for regions a
+        crash left that were not copied yet."""
+        self._stopping = True
+        for task in self._tasks:
+            if not task.done() and task.get_name() == "mirror-cleaner":
+                task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=30)
+        self._tasks.clear()
+        if not any(self._inflight.values()):
+            await self._clean(final=True)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.state.close()
+
+    def describe(self) -> str:
+        return f"mirror x{len(self.paths)}"
+
+    # ---- regions ---------------------------------------------------------------------
+
+    def _regions(self, offset: int, length: int) -> range:
+        return range(offset >> self._rshift, ((offset + max(length, 1) - 1) >> self._rshift) + 1)
+
+    def request_ended(self, q_id: int, tag: int) -> None:
+        regions = self._active.pop((q_id, tag), None)
+        if regions is None:
+            return
+        inflight = self._inflight
+        for r in range(*regions):
+            n = inflight[r] - 1
+            if n:
+                inflight[r] = n
+            else:
+                del inflight[r]
+                waiter = self._idle_waiter
+                if waiter is not None and waiter[0] == r and not waiter[1].done():
+                    waiter[1].set_result(None)
+
+    def _begin_change(self, ctx: Ctx) -> bool:
+        """Count a data-changing request on its regions (once per request); False if
+        one of them is locked by a copy (the request waits for it)."""
+        if ctx.scratch is not None:
+            return True
+        iod = ctx.iod
+        regions = self._regions(iod.start, iod.nr_bytes)
+        for r in regions:
+            if r in self._locked:
+                self._deferred.setdefault(r, []).append(ctx)
+                return False
+        self.state.mark_dirty(regions)
+        self._seq += 1
+        seq = self._seq
+        inflight, written = self._inflight, self._written
+        for r in regions:
+            inflight[r] = inflight.get(r, 0) + 1
+            written[r] = seq
+        self._active[(ctx.q_id, ctx.tag)] = (regions.start, regions.stop)
+        ctx.scratch = regions
+        return True
+
+    # ---- requests ----------------------------------------------------------------------
 
     def _fail(self, label: int, res: int) -> None:
+        if label not in self.writable:
+            return
+        self.writable.remove(label)
+        if label in self.resyncing:
+            self.resyncing.remove(label)
         if label in self.healthy:
-            self.healthy.remove(label)
-            log.error(
-                "ublk.mirror_replica_failed",
-                replica=label,
-                path=self.paths[label],
-                error=os.strerror(-res) if res < 0 else f"short transfer ({res})",
-                healthy=len(self.healthy),
-            )
+            rest = [r for r in self.healthy if r != label]
+            if rest:  # the last replica stays recorded in sync: it holds the data
+                self.state.keep_in_sync(rest)
+            self.healthy = rest
+            if rest and self.source == label:
+                self.source = rest[0]
+        log.error(
+            "ublk.mirror_replica_failed",
+            replica=label,
+            path=self.paths[label],
+            error=os.strerror(-res) if res < 0 else f"short transfer ({res})",
+            healthy=len(self.healthy),
+            events=self.state.events,
+        )
 
     def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
         iod = ctx.iod
         if write:
-            return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r) for r in self.healthy]
-        self._rr = (self._rr + 1) % len(self.healthy)
-        r = self.healthy[self._rr]
+            return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r) for r in self.writable]
+        r = -1
+        if self.unsafe and any(x in self.unsafe for x in self._regions(iod.start, iod.nr_bytes)):
+            r = self.source  # not the same everywhere yet: one replica answers
+        if r not in self.healthy:
+            self._rr = (self._rr + 1) % len(self.healthy)
+            r = self.healthy[self._rr]
         return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r)]
 
     def handle(self, ctx: Ctx) -> None:
         if not self.healthy:
             ctx.commit(-errno.EIO)
             return
+        if ctx.iod.op in _CHANGES:
+            try:
+                if not self._begin_change(ctx):
+                    return
+            except (OSError, sqlite3.Error) as e:
+                log.error("ublk.mirror_state_failed", error=str(e))
+                ctx.commit(-errno.EIO)
+                return
         super().handle(ctx)
 
     def fused_failed(self, ctx: Ctx, res: int) -> None:
@@ -382,10 +556,10 @@ class MirrorTarget(Target):
             ctx.commit(res)
 
     def _write_failed(self, ctx: Ctx, failed: set[int]) -> None:
-        """Replicas that did not fail have written: the write succeeded if any did, and
-        a replica that failed (out of space included) missed it and leaves service.
-        If none did, a replica that is merely full stays: the request fails with
-        ENOSPC (a broken one still leaves service)."""
+        """Replicas in sync that did not fail have written: the write succeeded if any
+        did, and a replica that failed (out of space included) missed it and leaves
+        service.  If none did, a replica that is merely full stays: the request fails
+        with ENOSPC (a broken one still leaves service)."""
         iod = ctx.iod
         wrote = [r for r in self.healthy if r not in failed]
         full = [(label, r) for label, r in ctx.failed if -r in NO_SPACE]
@@ -394,7 +568,7 @@ class MirrorTarget(Target):
                 self._fail(label, r)
         if wrote:
             if iod.flags & UBLK_IO_F_FUA:
-                ctx.fsync_then_commit([self.fds[r] for r in self.healthy], iod.nr_bytes)
+                ctx.fsync_then_commit(self.flush_fds(), iod.nr_bytes)
             else:
                 ctx.commit(iod.nr_bytes)
             return
@@ -420,26 +594,26 @@ class MirrorTarget(Target):
         if not self.healthy:
             ctx.commit(res)
             return
-        # The failing FSYNC severed its chain: sync the healthy replicas again (each
-        # round takes one replica out, so this ends), then commit what was intended.
+        # Sync the replicas left again (each round takes one replica out, so this
+        # ends), then commit what was intended.
         ctx.fsync_then_commit(self.flush_fds(), ctx.result)
 
     def flush_fds(self) -> Sequence[int]:
-        return [self.fds[r] for r in self.healthy]
+        return [self.fds[r] for r in self.writable]
 
     def space_pieces(self, ctx: Ctx) -> list[Piece] | None:
         iod = ctx.iod
-        return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r) for r in self.healthy]
+        return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r) for r in self.writable]
 
     def discard(self, offset: int, length: int) -> None:
-        for r in self.healthy:
+        for r in self.writable:
             punch(self.fds[r], offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
-        """Zero the range on every healthy replica; out of space on all of them is
+        """Zero the range on every written replica; out of space on all of them is
         ENOSPC (no replica leaves), see :meth:`_write_failed`."""
         errors: dict[int, int] = {}
-        for r in list(self.healthy):
+        for r in list(self.writable):
             try:
                 zero_range(self.fds[r], offset, length, may_trim)
             except OSError as e:
@@ -454,12 +628,146 @@ class MirrorTarget(Target):
                 raise OSError(full[0], os.strerror(full[0]))
             raise OSError(errno.EIO, "no healthy replica")
 
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
+    # ---- resync and cleaning ------------------------------------------------------------
 
-    def describe(self) -> str:
-        return f"mirror x{len(self.paths)}"
+    async def _resync(self) -> None:
+        try:
+            if self.unsafe:
+                regions = sorted(self.unsafe)
+                await self._copy_regions("dirty regions", regions, lambda: self.healthy)
+            if self.resyncing and not self._stopping:
+                everything = list(range(((self.size - 1) >> self._rshift) + 1))
+                await self._copy_regions("replicas", everything, lambda: self.resyncing)
+                if not self._stopping:
+                    for r in list(self.resyncing):
+                        self.state.mark_in_sync(r)
+                        self.resyncing.remove(r)
+                        self.healthy = sorted([*self.healthy, r])
+                        log.info(
+                            "ublk.mirror_replica_in_sync",
+                            replica=r,
+                            path=self.paths[r],
+                            events=self.state.events,
+                        )
+        except Exception:
+            log.exception("ublk.mirror_resync_failed")
+
+    async def _copy_regions(
+        self, what: str, regions: Sequence[int], dests: Callable[[], Sequence[int]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        total = len(regions) * self.region_size
+        log.info("ublk.mirror_resync_start", what=what, bytes=total, replicas=list(dests()))
+        t0 = last = loop.time()
+        done = 0
+        for region in regions:
+            if self._stopping:
+                log.info("ublk.mirror_resync_stopped", what=what, done=done, bytes=total)
+                return
+            to = [r for r in dests() if r != self.source and r in self.writable]
+            if self.source not in self.healthy:
+                raise RuntimeError("no replica in sync to copy from")
+            if to:
+                await self._copy_region(region, to)
+            self.unsafe.discard(region)
+            done += self.region_size
+            now = loop.time()
+            if now - last >= self.progress_interval:
+                last = now
+                log.info(
+                    "ublk.mirror_resync",
+                    what=what,
+                    done=done,
+                    bytes=total,
+                    percent=round(100 * done / total, 1),
+                )
+        log.info(
+            "ublk.mirror_resync_done",
+            what=what,
+            bytes=total,
+            seconds=round(loop.time() - t0, 3),
+        )
+
+    async def _copy_region(self, region: int, to: Sequence[int]) -> None:
+        self._locked.add(region)
+        try:
+            while self._inflight.get(region):
+                fut = asyncio.get_running_loop().create_future()
+                self._idle_waiter = (region, fut)
+                try:
+                    await fut
+                finally:
+                    self._idle_waiter = None
+            start = region << self._rshift
+            n = min(self.region_size, self.size - start)
+            src = self.fds[self.source]
+            await asyncio.to_thread(self._copy, src, [self.fds[r] for r in to], start, n)
+        finally:
+            self._locked.discard(region)
+            for ctx in self._deferred.pop(region, []):
+                try:
+                    self.handle(ctx)
+                except Exception:
+                    log.exception("ublk.target_failed", q_id=ctx.q_id, tag=ctx.tag)
+                    ctx.commit(-errno.EIO)
+
+    def _copy(self, src: int, dests: Sequence[int], offset: int, length: int) -> None:
+        """In a thread: copy ``length`` bytes at ``offset`` from ``src`` to ``dests``
+        (nothing writes that region meanwhile: it is locked)."""
+        end = offset + length
+        while offset < end and not self._stopping:
+            data = os.pread(src, min(_COPY_CHUNK, end - offset), offset)
+            if not data:
+                data = bytes(min(_COPY_CHUNK, end - offset))
+            for fd in dests:
+                view = memoryview(data)
+                pos = offset
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view = view[n:]
+                    pos += n
+            offset += len(data)
+        for fd in dests:
+            os.fdatasync(fd)
+
+    async def _cleaner(self) -> None:
+        try:
+            while not self._stopping:
+                await asyncio.sleep(self.clean_interval)
+                await self._clean()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("ublk.mirror_cleaner_failed")
+
+    async def _clean(self, final: bool = False) -> None:
+        """Clear dirty regions with nothing in flight, once the replicas were synced
+        after their last write."""
+        blocked = self.unsafe | self._locked
+        candidates = [r for r in self.state.dirty if r not in blocked and not self._inflight.get(r)]
+        if not candidates:
+            return
+        seq = self._seq
+        fds = [self.fds[r] for r in self.writable]
+        try:
+            await asyncio.to_thread(_sync_all, fds)
+        except OSError as e:
+            log.warning("ublk.mirror_sync_failed", error=str(e))
+            return
+        written, inflight = self._written, self._inflight
+        done = [r for r in candidates if not inflight.get(r) and written.get(r, 0) <= seq]
+        self.state.clear(done)
+        if final:
+            log.info("ublk.mirror_clean", dirty=len(self.state.dirty))
+
+
+_CHANGES = frozenset({IoOp.WRITE, IoOp.DISCARD, IoOp.WRITE_ZEROES})
+_COPY_CHUNK = 1 << 20
+
+
+def _sync_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.fdatasync(fd)
 
 
 class LinearTarget(Target):
@@ -604,7 +912,8 @@ def _split_args(args: str) -> tuple[list[str], dict[str, list[str]]]:
 def make_target(spec: str, read_only: bool = False) -> Target:
     """Build a target from ``KIND:ARGS``.
 
-    ``null:size=1G`` | ``loop:PATH[,size=S]`` | ``mirror:PATH,PATH[,...][,size=S]`` |
+    ``null:size=1G`` | ``loop:PATH[,size=S]`` |
+    ``mirror:PATH,PATH[,...][,size=S][,state=DB][,region=S]`` |
     ``linear:DB[,pv=PATH]...[,size=S][,extent=S]`` (the PVs, size and extent size are
     recorded in the database the first time and read back afterwards).
     """
@@ -621,7 +930,12 @@ def make_target(spec: str, read_only: bool = False) -> Target:
         target = LoopTarget(path, size, read_only)
     elif kind == "mirror":
         paths = pos + named.get("replica", [])
-        target = MirrorTarget(paths, size)
+        target = MirrorTarget(
+            paths,
+            size,
+            state=named["state"][-1] if "state" in named else None,
+            region=parse_size(named["region"][-1]) if "region" in named else None,
+        )
     elif kind == "linear":
         db = named.get("db", pos)[0] if (pos or "db" in named) else ""
         if not db:

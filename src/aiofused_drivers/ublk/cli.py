@@ -48,7 +48,11 @@ EPILOG = """\
 targets:
   null:SIZE | null:size=SIZE            zeroes in, writes discarded
   loop:PATH[,size=SIZE]                 one backing file
-  mirror:PATH,PATH[,...]                RAID-1 over N files
+  mirror:PATH,PATH[,...][,state=DB][,region=SIZE]
+                                        RAID-1 over N files; replica state (event
+                                        counts, write-intent bitmap of SIZE regions,
+                                        default 16M) in DB, default PATH.mirror.db
+                                        of the first file
   linear:DB,pv=FILE[,pv=FILE...][,size=SIZE][,extent=SIZE]
                                         extents mapped in an SQLite table (created
                                         on first use, read back afterwards)
@@ -196,7 +200,7 @@ def check_export(spec: ExportSpec) -> None:
     if kind not in _KINDS:
         raise ValueError(f"{what}: unknown target {kind!r}, expected one of {', '.join(_KINDS)}")
     pos, named = _split_args(rest)
-    sizes = [*named.get("size", []), *named.get("extent", [])]
+    sizes = [*named.get("size", []), *named.get("extent", []), *named.get("region", [])]
     if kind == "null":
         sizes += pos[:1]
     for text in sizes:
