@@ -20,6 +20,7 @@ from kdiff.harness import (
     DRAIN,
     HARDLINK,
     LINK,
+    R_EFD,
     R_EPIPE,
     R_ESTREAM,
     R_FILE,
@@ -158,6 +159,16 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(1, READ, fd=9999, len=10, addr="i0"),
         SqeSpec(2, READ, fd=-1, len=10, addr="i0"),
         SqeSpec(3, READ, fd=f"r{R_FILE}.0", len=10, addr="i0"),
+    ),
+    "c19 RWF_* on files, pipes, sockets and eventfds": _b(
+        SqeSpec(1, READ, fd=f"r{R_FILE}.0", len=8, rw=0x1, addr="b8"),  # HIPRI
+        SqeSpec(2, WRITE, fd=f"r{R_PIPE}.1", len=8, rw=0x1, addr="b8"),
+        SqeSpec(3, READ, fd=f"r{R_PIPE}.0", len=8, rw=0x40, addr="b8"),  # ATOMIC
+        SqeSpec(4, READ, fd=f"r{R_STREAM}.0", len=8, rw=0x80, addr="b8"),  # DONTCACHE
+        SqeSpec(5, READ, fd=f"r{R_EFD}.0", len=8, rw=1 << 30, addr="b8"),
+        SqeSpec(6, READ, fd=f"r{R_EPIPE}.0", len=8, rw=0x8, addr="b8"),  # NOWAIT, empty
+        SqeSpec(7, WRITE, fd=f"r{R_FILE}.0", len=8, rw=0x8, addr="b8"),
+        SqeSpec(8, WRITE, fd=f"r{R_PIPE}.1", len=8, rw=0x2 | 0x10, addr="b8"),
     ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)

@@ -161,6 +161,11 @@ class AsyncioBackend(Backend):
         except OSError as exc:
             self._finish(h, _errno_res(exc))
             return h
+        if op.rw_flags:
+            err = _rw_flags_error(op.rw_flags, stat.S_ISREG(st.st_mode))
+            if err:
+                self._finish(h, err)
+                return h
         if self._nowait and op.offset >= 0 and stat.S_ISREG(st.st_mode):
             self._start_file(h, st.st_dev)
         elif blocking:
@@ -223,6 +228,8 @@ class AsyncioBackend(Backend):
             except OSError as exc:
                 if done:
                     return done
+                if caller_nowait and exc.errno == errno.EOPNOTSUPP:
+                    return -errno.EAGAIN  # a file without nowait I/O: io_uring's answer
                 if exc.errno in _NOWAIT_REFUSED and not caller_nowait:
                     if not io.rw_flags:  # RWF_NOWAIT alone was refused: remember the fs
                         self._no_nowait.add(key)
@@ -258,7 +265,8 @@ class AsyncioBackend(Backend):
             else:
                 n = os.readv(io.fd, [view])
         except (BlockingIOError, InterruptedError):
-            if io.rw_flags & _MSG_DONTWAIT and h.sock is not None:
+            nowait = _MSG_DONTWAIT if h.sock is not None else _RWF_NOWAIT
+            if io.rw_flags & nowait:
                 # The caller asked not to wait (the kernel's REQ_F_NOWAIT): no parking.
                 self._finish(h, h.done if h.done else -errno.EAGAIN)
                 return True
@@ -395,6 +403,26 @@ class AsyncioBackend(Backend):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+#: ``RWF_*`` bits the kernel knows (HIPRI, DSYNC, SYNC, NOWAIT, APPEND, NOAPPEND, ATOMIC,
+#: DONTCACHE); ATOMIC and DONTCACHE need a file that supports them.
+_RWF_KNOWN = 0xFF
+_RWF_HIPRI = 0x01
+_RWF_FILE_ONLY = 0x40 | 0x80
+
+
+def _rw_flags_error(flags: int, regular: bool) -> int:
+    """What io_uring answers for READ/WRITE ``rw_flags`` before it moves a byte: unknown
+    bits -EOPNOTSUPP; RWF_HIPRI -EINVAL (this ring is not IOPOLL); ATOMIC/DONTCACHE on
+    a pipe, socket or eventfd -EOPNOTSUPP (on a regular file ``preadv2`` decides)."""
+    if flags & ~_RWF_KNOWN:
+        return -errno.EOPNOTSUPP
+    if flags & _RWF_HIPRI:
+        return -errno.EINVAL
+    if not regular and flags & _RWF_FILE_ONLY:
+        return -errno.EOPNOTSUPP
+    return 0
 
 
 def _sock_nonempty(sock: socket.socket) -> int:
