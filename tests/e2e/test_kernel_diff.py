@@ -20,6 +20,7 @@ from kdiff.harness import (
     DRAIN,
     HARDLINK,
     LINK,
+    R_BPIPE,
     R_EFD,
     R_EPIPE,
     R_ESTREAM,
@@ -169,6 +170,12 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(6, READ, fd=f"r{R_EPIPE}.0", len=8, rw=0x8, addr="b8"),  # NOWAIT, empty
         SqeSpec(7, WRITE, fd=f"r{R_FILE}.0", len=8, rw=0x8, addr="b8"),
         SqeSpec(8, WRITE, fd=f"r{R_PIPE}.1", len=8, rw=0x2 | 0x10, addr="b8"),
+    ),
+    "c20 a blocking pipe's READ is polled: LINK_TIMEOUT and cancel stop it": _b(
+        SqeSpec(1, READ, LINK, fd=f"r{R_BPIPE}.0", len=8, addr="b8"),
+        SqeSpec(2, LT, len=1, addr=SHORT),
+        SqeSpec(3, READ, fd=f"r{R_BPIPE}.0", len=8, addr="b8"),
+        SqeSpec(4, CANCEL, addr="i3"),
     ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)

@@ -8,7 +8,8 @@
  * Input, one record per line (integers in decimal; see tests/kdiff/harness.py):
  *   B <setup_flags> <entries> <deadline_ms> <hard_ms>   start a batch
  *   R <kind> <a> <b>          a resource, numbered from 0 in order:
- *                             file <size> 0 | pipe <prefill> 0 | eventfd <count> 0 |
+ *                             file <size> 0 | pipe <prefill> 0 | bpipe <prefill> 0 |
+ *                             eventfd <count> 0 |
  *                             stream <prefill> 0 | seqpacket <records> <size>
  *   S <ud> <op> <flags> <ioprio> <fd> <off> <len> <rw_flags> <addr> <buf_index>
  *                             <fd>: "r<i>.<end>" (resource i, end 0 or 1) or an integer;
@@ -98,6 +99,10 @@ static void add_resource(const char *dir, const char *kind, long a, long b)
 		unlink(path);
 	} else if (!strcmp(kind, "pipe")) {
 		if (pipe2(r->fd, O_NONBLOCK))
+			die("pipe2");
+		fill(r->fd[1], (size_t)a, 4096);
+	} else if (!strcmp(kind, "bpipe")) { /* a blocking pipe */
+		if (pipe2(r->fd, 0))
 			die("pipe2");
 		fill(r->fd[1], (size_t)a, 4096);
 	} else if (!strcmp(kind, "eventfd")) {

@@ -307,8 +307,8 @@ class _Resources:
                 path.unlink()
                 self.ends.append((fd, -1))
                 self.closers.append(lambda fd=fd: os.close(fd))
-            elif kind == "pipe":
-                r, w = os.pipe2(os.O_NONBLOCK)
+            elif kind in ("pipe", "bpipe"):
+                r, w = os.pipe2(os.O_NONBLOCK if kind == "pipe" else 0)
                 _fill(w, a, 4096)
                 self.ends.append((r, w))
                 self.closers += [lambda r=r: os.close(r), lambda w=w: os.close(w)]
@@ -558,7 +558,7 @@ def _cqes_str(v: list[tuple[int, int]]) -> str:
 # ---- generation --------------------------------------------------------------------------
 
 #: Resource indexes (every batch has them all).
-R_FILE, R_PIPE, R_EPIPE, R_EFD, R_EEFD, R_STREAM, R_ESTREAM, R_SEQ = range(8)
+R_FILE, R_PIPE, R_EPIPE, R_EFD, R_EEFD, R_STREAM, R_ESTREAM, R_SEQ, R_BPIPE = range(9)
 RESOURCES = [
     ("file", FILE_SIZE, 0),
     ("pipe", PREFILL, 0),
@@ -568,6 +568,7 @@ RESOURCES = [
     ("stream", PREFILL, 0),
     ("stream", 0, 0),  # empty: reads block
     ("seqpacket", RECORDS, RECORD),
+    ("bpipe", 0, 0),  # empty and blocking: reads block, io_uring polls it all the same
 ]
 
 
@@ -752,15 +753,13 @@ class _Gen:
 
     def blocker(self) -> tuple[SqeSpec, bool]:
         r = self.rng
-        kind = r.choice(["pipe", "efd", "stream", "timeout"])
+        kind = r.choice(["pipe", "efd", "stream", "timeout", "bpipe"])
         ud = self.ud()
         if kind == "timeout":
             return SqeSpec(ud, int(Op.TIMEOUT), len=1, addr=f"t{BLOCK_NS}", note="blocker"), True
-        if kind == "pipe":
-            return (
-                SqeSpec(ud, int(Op.READ), fd=f"r{R_EPIPE}.0", len=10, addr="b10", note="blocker"),
-                True,
-            )
+        if kind in ("pipe", "bpipe"):
+            fd = f"r{R_EPIPE if kind == 'pipe' else R_BPIPE}.0"
+            return SqeSpec(ud, int(Op.READ), fd=fd, len=10, addr="b10", note="blocker"), True
         if kind == "efd":
             return (
                 SqeSpec(ud, int(Op.READ), fd=f"r{R_EEFD}.0", len=8, addr="b8", note="blocker"),

@@ -69,7 +69,18 @@ _NEW, _PARKED, _THREAD, _DONE = range(4)
 
 
 class _Op(BackendOp):
-    __slots__ = ("cflags", "cfut", "complete", "done", "io", "owned", "sock", "state", "write")
+    __slots__ = (
+        "cflags",
+        "cfut",
+        "complete",
+        "done",
+        "io",
+        "owned",
+        "polled",
+        "sock",
+        "state",
+        "write",
+    )
 
     def __init__(self, io: IoOp, complete: Completion) -> None:
         self.io = io
@@ -78,6 +89,8 @@ class _Op(BackendOp):
         self.done = 0
         #: CQE flags of the result (SOCK_NONEMPTY).
         self.cflags = 0
+        #: A blocking stream fd read or written with RWF_NOWAIT on readiness.
+        self.polled = False
         self.sock: socket.socket | None = None
         self.owned = False
         self.write = False
@@ -168,6 +181,12 @@ class AsyncioBackend(Backend):
                 return h
         if self._nowait and op.offset >= 0 and stat.S_ISREG(st.st_mode):
             self._start_file(h, st.st_dev)
+        elif blocking and not seekable and _RWF_NOWAIT:
+            # A blocking pipe, socket or eventfd: readiness and RWF_NOWAIT, as io_uring
+            # polls it whatever its O_NONBLOCK, so that a cancel or a LINK_TIMEOUT can
+            # stop it (issue 12, class 20); the pool only if RWF_NOWAIT is refused.
+            h.polled = True
+            self._attempt(h)
         elif blocking:
             fn = _pwrite if h.write else _pread
             # A stream (pipe, tty, socket) has no position: the offset is ignored, as the
@@ -260,6 +279,11 @@ class AsyncioBackend(Backend):
                     n = sock.send(view, flags)
                 else:
                     n = sock.recv_into(view, want - h.done, flags)
+            elif h.polled:
+                if h.write:
+                    n = os.pwritev(io.fd, [view], -1, _RWF_NOWAIT)
+                else:
+                    n = os.preadv(io.fd, [view], -1, _RWF_NOWAIT)
             elif h.write:
                 n = os.write(io.fd, view)
             else:
@@ -274,6 +298,11 @@ class AsyncioBackend(Backend):
                 self._park(h)
             return False
         except OSError as exc:
+            if h.polled and exc.errno == errno.EOPNOTSUPP and not h.done:
+                h.polled = False  # no RWF_NOWAIT on this file: a blocking call in the pool
+                fn = _pwrite if h.write else _pread
+                self._to_thread(h, fn, io.fd, io.buf, -1, io.rw_flags)
+                return True
             self._finish(h, h.done if h.done else _errno_res(exc))
             return True
         finally:
