@@ -512,7 +512,7 @@ def test_private_primary_and_secondaries() -> None:
     got: list[tuple[str, int]] = []
     p = core.private_primary(df, 0, b"", BufDir.DEST, lambda r, f: got.append(("P", r)))
     lent: list[bool] = []
-    p.on_lent = lambda: lent.append(True)
+    p.on_lent = lambda cmd, n: lent.append(cmd.is_fused and n > 0)
     core.start_private(p)
     assert lent == [True] and core.lent == 1
     view = core.lease_view(p)

@@ -77,6 +77,7 @@ class FusedCommands:
         lent: int
         live: int
         reg_pool: object
+        closing: bool
 
         def issue(self, req: Req) -> None: ...
         def finish(
@@ -194,6 +195,8 @@ class FusedCommands:
         elif state is _LENT:
             p.cancelled = True
             self._cancel_inflight(p)
+            if self.closing:
+                self.seal(p)  # no more secondaries can come: an open primary ends too
             on_result(0)
         else:
             on_result(EALREADY)
@@ -238,7 +241,7 @@ class FusedCommands:
         on_lent = p.on_lent
         if on_lent is not None:
             p.on_lent = None
-            on_lent()
+            on_lent(p, len(mv))
         if not p.outstanding and p.sealed:
             self._returned(p)
 

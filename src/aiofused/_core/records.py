@@ -326,7 +326,8 @@ class Req(IoOp):
         self.extra_views: list[memoryview] = []
         self.early_res = 0
         self.fixed_index = -1
-        self.on_lent: Callable[[], None] | None = None
+        #: A private primary's "lent" event: ``on_lent(cmd, nbytes)`` (the lease, open_fused).
+        self.on_lent: Callable[[Req, int], None] | None = None
 
     __hash__ = object.__hash__
     __eq__ = object.__eq__

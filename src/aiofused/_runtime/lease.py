@@ -97,7 +97,7 @@ class FusedScope:
         self._res = res
         self._signal()
 
-    def _on_lent(self) -> None:
+    def _on_lent(self, p: Req, nbytes: int) -> None:
         self.lent = True
         self._signal()
 

@@ -22,7 +22,7 @@ from aiofused._core.records import DriverFile, Req
 from aiofused._core.ring import RingCore
 from aiofused._core.sqe import Cqe
 from aiofused._driver import Driver, load_driver
-from aiofused._errors import RingClosedError, res_to_error
+from aiofused._errors import DriverError, RingClosedError, res_to_error
 from aiofused._log import get_logger
 from aiofused._runtime.lease import FusedScope
 from aiofused.backends._base import Backend, select_backend
@@ -190,6 +190,59 @@ class Ring(RingCore):
     ) -> FusedScope:
         """High-level fused primary as an async context manager (SPEC §5)."""
         return FusedScope(self, driver_file, cmd_op, cmd, buf_dir)
+
+    # ---- fused commands driven by callbacks ------------------------------------------
+
+    def open_fused(
+        self,
+        driver_file: DriverFile,
+        cmd_op: int,
+        *,
+        cmd: bytes = b"",
+        buf_dir: BufDir = BufDir.DEST,
+        on_lent: Callable[[Req, int], None],
+        on_complete: Callable[[int, int], None],
+    ) -> Req:
+        """Submit a fused primary that stays open for secondaries, driven by callbacks:
+        the low-level twin of :meth:`fused`, with no task, future or object per command.
+
+        ``on_lent(cmd, nbytes)`` runs when the driver lends its buffer (``cmd`` is what
+        this returns); secondaries then start with :meth:`fused_secondary`, and
+        :meth:`seal` says there will be no more.
+        ``on_complete(res, flags)`` gets the primary's completion, after every secondary's
+        (also when nothing was lent: end of stream, an error).  Either may run before this
+        returns (a driver that lends or completes at once).  Keep the returned command
+        only to pass it to :meth:`fused_secondary`, :meth:`seal` and
+        :meth:`cancel_secondaries`; it means nothing after ``on_complete``.
+        """
+        p = self.private_primary(driver_file, cmd_op, bytes(cmd), BufDir(buf_dir), on_complete)
+        p.on_lent = on_lent
+        self.start_private(p)
+        return p
+
+    def fused_secondary(
+        self,
+        primary: Req,
+        op: Op,
+        fd: Any,
+        *,
+        at: int = 0,
+        nbytes: int,
+        offset: int = 0,
+        flags: int = 0,
+        on_complete: Callable[[int, int], None],
+    ) -> None:
+        """Start secondary ``op`` (READ/WRITE/SEND/RECV...) on ``nbytes`` of the lent
+        buffer from ``at`` of an open primary; ``on_complete(res, flags)`` gets its result.
+        :class:`DriverError` if the primary is sealed or not lent, ``ValueError`` for an
+        op that cannot use the buffer in its direction."""
+        if primary.sealed or primary.base is None:
+            raise DriverError(f"no secondary can start in state {primary.fstate.name.lower()}")
+        opdef = OPDEFS.get(op)
+        if opdef is None or not opdef.fused_secondary or opdef.buf_dir is not primary.buf_dir:
+            raise ValueError(f"{op!r} is not a secondary for a {primary.buf_dir!r} buffer")
+        s = self.private_secondary(op, fd, at, nbytes, offset, flags, on_complete)
+        self.add_secondary(primary, s)
 
     async def close(self) -> None:
         """Cancel everything in flight, wait for every final completion, release all."""
