@@ -136,8 +136,8 @@ async def test_l6_async_cancel_found_and_not_found() -> None:
 
 
 async def test_l6_async_cancel_running_is_ealready() -> None:
-    """SPEC L6 (twin: test_l6_async_cancel_running_is_ealready): -EALREADY for an op the
-    backend cannot stop; the target completes normally afterwards."""
+    """SPEC L6: -EALREADY for an op the backend cannot stop; the target completes
+    normally afterwards."""
     fake = FakeBackend(cancel_mode="already")
     async with Ring(8, backend=fake) as ring:
         buf = bytearray(4)
