@@ -203,6 +203,19 @@ async def test_workers_get_connections_evenly_and_share_data() -> None:
             ["--export", "d=loop:/nonexistent/file", "--socket", "/tmp/nbd-x.sock"],
             "/nonexistent/file: no such file",
         ),
+        (
+            ["-e", "m=mirror:/dev/null,/dev/zero,state=/nonexistent/m.db", "-U", "/tmp/x.sock"],
+            "/nonexistent/m.db: directory /nonexistent does not exist",
+        ),
+        (
+            ["-e", "l=linear:/nonexistent/map.db,pv=/dev/null", "-U", "/tmp/x.sock"],
+            "/nonexistent/map.db: directory /nonexistent does not exist",
+        ),
+        (
+            ["-e", "d=null:1M", "-U", "/tmp/x.sock", "--connection-memory", "64K"],
+            "--connection-memory",
+        ),
+        (["-e", "d=null:1M", "-U", "/tmp/x.sock", "--buffer-memory", "16M"], "--buffer-memory"),
     ],
 )
 async def test_bad_arguments_fail_cleanly(args: list[str], needle: str) -> None:
@@ -211,6 +224,18 @@ async def test_bad_arguments_fail_cleanly(args: list[str], needle: str) -> None:
     assert r.returncode == 2
     assert needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+async def test_a_state_file_that_is_not_a_database_is_one_error_line() -> None:
+    with short_tmpdir() as d:
+        a, b, state = _disk(d, "a.img"), _disk(d, "b.img"), _disk(d, "state.db", 4096)
+        with open(state, "wb") as f:
+            f.write(b"not a database" * 100)
+        spec = f"m=mirror:{a},{b},state={state}"
+        r = await run_client(*CLI, "-e", spec, "-U", os.path.join(d, "s.sock"), timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert "nbd.start_failed" in r.stderr and "not a database" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 async def test_socket_buffer_sizes_each_connection() -> None:

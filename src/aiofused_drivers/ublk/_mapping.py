@@ -51,7 +51,23 @@ class SqliteMappingStore:
         extent_size: int | None = None,
     ) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._open(pv_paths, size, extent_size)
+        except sqlite3.Error as e:
+            self._db_close()
+            raise ValueError(f"mapping database {path!r}: {e}") from None
+        except BaseException:
+            self._db_close()
+            raise
+
+    def _db_close(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+
+    def _open(self, pv_paths: Sequence[str], size: int | None, extent_size: int | None) -> None:
+        path = self.path
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")

@@ -34,7 +34,10 @@ class MirrorState:
 
     def __init__(self, path: str, replica_paths: Sequence[str], region_size: int | None) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise ValueError(f"mirror state {path!r}: {e}") from None
         db = self._db
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -61,6 +64,9 @@ class MirrorState:
             known = [r[1] for r in rows]
             if known != paths:
                 raise ValueError(f"mirror state {path!r} belongs to replicas {known}, not {paths}")
+        except sqlite3.Error as e:
+            db.close()
+            raise ValueError(f"mirror state {path!r}: {e}") from None
         except BaseException:
             db.close()
             raise

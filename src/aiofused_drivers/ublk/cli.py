@@ -16,6 +16,7 @@ import ctypes.util
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -219,6 +220,15 @@ def check_export(spec: ExportSpec) -> None:
         for path in paths:
             if not os.path.exists(path):
                 raise ValueError(f"{what}: {path}: no such file")
+    dbs = []
+    if kind == "mirror":
+        dbs = named.get("state", [])[-1:] or [f"{(pos + named.get('replica', []))[0]}.mirror.db"]
+    elif kind == "linear":
+        dbs = (named.get("db", []) or pos)[:1]
+    for db in dbs:
+        parent = os.path.dirname(os.path.abspath(db))
+        if not os.path.isdir(parent):
+            raise ValueError(f"{what}: {db}: directory {parent} does not exist")
 
 
 def check_backend(name: str) -> None:
@@ -359,7 +369,7 @@ async def _serve(
             log.info("nbd.shutting_down", connections=len(service.nbd.connections))
             if metrics is not None:
                 await metrics.aclose()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, sqlite3.Error) as e:
         log.error("nbd.start_failed", error=str(e))
         source.close()
         return 1
