@@ -10,6 +10,7 @@ import pytest
 from recording_port import DRAIN, HARD, LINK, SKIP, make_core, sqe
 
 from aiofused._abi import (
+    EALREADY,
     EBADF,
     ECANCELED,
     EFAULT,
@@ -458,4 +459,46 @@ def test_c16_a_closed_fd_is_ebadf_before_a_bad_buffer() -> None:
     sqe(core, 2, "read", 5, b"readonly", 8)
     core.submit()
     assert port.pairs() == [(1, EBADF), (2, EFAULT)]
+    port.assert_quiet()
+
+
+# ---- classes 2 and 3: what starts after the submission -----------------------------------
+
+
+def test_c3_a_follower_starts_after_the_whole_submission() -> None:
+    core, port = make_core()
+    sqe(core, 1, "nop", flags=LINK)
+    sqe(core, 2, "nop")
+    sqe(core, 3, "nop")
+    core.submit()
+    assert port.pairs() == [(1, 0), (3, 0), (2, 0)]  # the kernel's order
+    port.assert_quiet()
+
+
+def test_c3_a_cancel_in_the_same_submission_does_not_find_a_follower() -> None:
+    core, port = make_core()
+    sqe(core, 1, "nop", flags=LINK)
+    sqe(core, 2, "timeout", 10.0)
+    sqe(core, 3, "cancel", 2)
+    core.submit()
+    assert port.pairs() == [(1, 0), (3, ENOENT)]
+    port.fire(2)
+    port.assert_quiet()
+
+
+def test_c2_an_async_request_starts_after_the_submission() -> None:
+    core, port = make_core()
+    sqe(core, 1, "cancel", 2, flags=int(SqeFlag.ASYNC))
+    sqe(core, 2, "timeout", 10.0)
+    sqe(core, 3, "cancel", 3, flags=int(SqeFlag.ASYNC))  # finds itself running
+    core.submit()
+    assert sorted(port.pairs()) == [(1, 0), (2, ECANCELED), (3, EALREADY)]
+    port.assert_quiet()
+
+
+def test_c2_an_open_chain_at_the_end_runs_as_async() -> None:
+    core, port = make_core()
+    sqe(core, 1, "cancel", 1, flags=LINK)  # the last SQE has IO_LINK: io-wq
+    core.submit()
+    assert port.pairs() == [(1, EALREADY)]
     port.assert_quiet()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from kdiff import harness
 from kdiff.harness import (
+    ASYNC,
     BUFSEL,
     DRAIN,
     HARDLINK,
@@ -176,6 +177,20 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(2, LT, len=1, addr=SHORT),
         SqeSpec(3, READ, fd=f"r{R_BPIPE}.0", len=8, addr="b8"),
         SqeSpec(4, CANCEL, addr="i3"),
+    ),
+    "c3 a chain's follower starts after the submission": _b(
+        SqeSpec(1, NOP, LINK),
+        SqeSpec(2, TIMEOUT, LINK, len=1, addr="t10000000000"),
+        SqeSpec(3, LT, len=1, addr=SHORT),
+        SqeSpec(4, CANCEL, addr="i2"),
+    ),
+    "c2 an ASYNC request starts after the submission": _b(
+        SqeSpec(1, CANCEL, ASYNC, addr="i2"),
+        SqeSpec(2, TIMEOUT, LINK, len=1, addr="t10000000000"),
+        SqeSpec(3, LT, len=1, addr=SHORT),
+        SqeSpec(4, CANCEL, ASYNC, addr="i4"),
+        SqeSpec(5, RECV, ASYNC, fd=f"r{R_STREAM}.1", len=10, addr="b10"),
+        SqeSpec(6, SEND, fd=f"r{R_STREAM}.0", len=10, addr="b10"),
     ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)

@@ -915,9 +915,11 @@ def _sanitize(b: Batch) -> None:
     end of the submission (``io_submit_state_end`` hands its head to
     ``io_queue_sqe_fallback``), drained ones and everything deferred behind a drain, and
     a chain's members behind an io-wq op.  There an ASYNC_CANCEL naming itself finds
-    itself running (-EALREADY, -ENOENT elsewhere) and a RECVSEND_POLL_FIRST op returns
-    -EAGAIN.  Such a cancel gets a target that does not exist; POLL_FIRST stays only on
-    a unit's head issued from submit.
+    itself running (-EALREADY, -ENOENT elsewhere: aiofused follows for IOSQE_ASYNC, an
+    open chain's head and drained heads, not for members behind an FSYNC or a file
+    write) and a RECVSEND_POLL_FIRST op returns -EAGAIN.  Such a cancel, after a drain or
+    inside a chain, gets a target that does not exist; POLL_FIRST stays only on a unit's
+    head issued from submit.
     """
     us = units(b)
     open_tail = set(us[-1]) if us and b.sqes[us[-1][-1]].flags & (LINK | HARDLINK) else set()
@@ -928,7 +930,7 @@ def _sanitize(b: Batch) -> None:
         for k, i in enumerate(unit):
             s = b.sqes[i]
             worker = drained or i in open_tail or bool(s.flags & ASYNC)
-            if s.op == Op.ASYNC_CANCEL and s.addr == f"i{s.ud}" and worker:
+            if s.op == Op.ASYNC_CANCEL and s.addr == f"i{s.ud}" and (drained or k):
                 s.addr = f"i{10_000 + s.ud}"
             if s.op in (Op.SEND, Op.RECV) and s.ioprio == RECVSEND_POLL_FIRST and (worker or k):
                 s.ioprio = 0

@@ -85,6 +85,7 @@ _F_DRAIN = int(SqeFlag.IO_DRAIN)
 _F_HARDLINK = int(SqeFlag.IO_HARDLINK)
 _F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
 _F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
+_F_ASYNC = int(SqeFlag.ASYNC)
 _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
 #: Flags whose presence needs the generic init checks.
 _CHECKED_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
@@ -183,6 +184,9 @@ class RingCore(FusedCommands):
         #: An IO_DRAIN on a chain member after its head drains the next unit too
         #: (``io_init_drain``'s drain_next), also across ``submit()`` calls.
         self._drain_next = False
+        #: Inside ``submit()``; what it leaves to after the submission (SPEC R2).
+        self._submitting = False
+        self._later: list[Req] = []
         self._cqe_seq = 0
         self._count_timeouts: list[tuple[int, int, Req]] = []
         self._tseq = itertools.count()
@@ -232,65 +236,74 @@ class RingCore(FusedCommands):
         chain: list[Req] | None = None
         chain_failed = False
         seq0 = self._cqe_seq
-        while i < n:
-            sqe = sq[i]
-            i += 1
-            if (
-                sqe.opcode == _OP_NOP
-                and chain is None
-                and not sqe.flags
-                and not sqe.ioprio
-                and not sqe.rw_flags
-                and not (self._deferred or self._barrier or self._issuing or self._drain_next)
-            ):
-                # A plain standalone NOP: nothing to check or track, its CQE at once.
-                self._post_cqe(sqe.user_data, 0, 0)
-                continue
-            if (
-                sqe.opcode in DIRECT_OPS
-                and chain is None
-                and not (sqe.flags or sqe.ioprio or sqe.rw_flags)
-                and not (self._deferred or self._barrier or self._issuing)
-                and self.port.start_direct(sqe)
-            ):
-                # A standalone kernel op with no flags: the kernel's semantics are the
-                # ring's here, so the backend runs the SQE as is, with no record; its CQE
-                # comes back through io_batch as (user_data, res, flags).
-                self.live += 1
-                sqe.fd = -1
-                sqe.addr = 0
-                continue
-            req = self.consume(sqe, chain[-1] if chain is not None else None)
-            if req.command and req.is_fused:
-                i = self.take_secondaries(req, sq, i, n, int(sqe.nr_secondary))
-            linked = req.flags & _LINK_FLAGS
-            if chain is None:
-                if self._drain_next:
-                    self._drain_next = False
-                    req.flags |= _F_DRAIN  # the kernel sets REQ_F_IO_DRAIN on it
+        self._submitting = True
+        try:
+            while i < n:
+                sqe = sq[i]
+                i += 1
+                if (
+                    sqe.opcode == _OP_NOP
+                    and chain is None
+                    and not sqe.flags
+                    and not sqe.ioprio
+                    and not sqe.rw_flags
+                    and not (self._deferred or self._barrier or self._issuing or self._drain_next)
+                ):
+                    # A plain standalone NOP: nothing to check or track, its CQE at once.
+                    self._post_cqe(sqe.user_data, 0, 0)
+                    continue
+                if (
+                    sqe.opcode in DIRECT_OPS
+                    and chain is None
+                    and not (sqe.flags or sqe.ioprio or sqe.rw_flags)
+                    and not (self._deferred or self._barrier or self._issuing)
+                    and self.port.start_direct(sqe)
+                ):
+                    # A standalone kernel op with no flags: the kernel's semantics are the
+                    # ring's here, so the backend runs the SQE as is, with no record; its CQE
+                    # comes back through io_batch as (user_data, res, flags).
+                    self.live += 1
+                    sqe.fd = -1
+                    sqe.addr = 0
+                    continue
+                req = self.consume(sqe, chain[-1] if chain is not None else None)
+                if req.command and req.is_fused:
+                    i = self.take_secondaries(req, sq, i, n, int(sqe.nr_secondary))
+                linked = req.flags & _LINK_FLAGS
+                if chain is None:
+                    if self._drain_next:
+                        self._drain_next = False
+                        req.flags |= _F_DRAIN  # the kernel sets REQ_F_IO_DRAIN on it
+                    if linked:
+                        chain, chain_failed = [req], bool(req.err)
+                    elif req.err:
+                        self._fail_unit([req])
+                        if self._stop_on_error():
+                            break  # SPEC R4
+                    else:
+                        if req.offset and req.opcode == _OP_TIMEOUT and self._cqe_seq != seq0:
+                            self._count_earlier(req, seq0)
+                        self._start(req, self._count(req), bool(req.flags & _F_DRAIN))
+                    continue
+                chain.append(req)
+                chain_failed = chain_failed or bool(req.err)
+                if req.flags & _F_DRAIN and self._drain_checked(req):
+                    self._drain_next = True  # SPEC L5: a member's drain drains the next unit
                 if linked:
-                    chain, chain_failed = [req], bool(req.err)
-                elif req.err:
-                    self._fail_unit([req])
-                    if self._stop_on_error():
-                        break  # SPEC R4
-                else:
-                    if req.offset and req.opcode == _OP_TIMEOUT and self._cqe_seq != seq0:
-                        self._count_earlier(req, seq0)
-                    self._start(req, self._count(req), bool(req.flags & _F_DRAIN))
-                continue
-            chain.append(req)
-            chain_failed = chain_failed or bool(req.err)
-            if req.flags & _F_DRAIN and self._drain_checked(req):
-                self._drain_next = True  # SPEC L5: a member's drain drains the next unit
-            if linked:
-                continue
-            unit, chain = chain, None
-            if self._end_chain(unit, chain_failed) and self._stop_on_error():
-                break  # the kernel stops only if the failing SQE ends the chain
-        if chain is not None:  # SPEC L1: the last SQE ends the chain
-            self._end_chain(chain, chain_failed)
+                    continue
+                unit, chain = chain, None
+                if self._end_chain(unit, chain_failed) and self._stop_on_error():
+                    break  # the kernel stops only if the failing SQE ends the chain
+            if chain is not None:  # SPEC L1: the last SQE ends the chain
+                if not chain_failed:
+                    # io_submit_state_end hands an unterminated chain to io-wq.
+                    chain[0].flags |= _F_ASYNC
+                self._end_chain(chain, chain_failed)
+        finally:
+            self._submitting = False
         del sq[:i]
+        if self._later:
+            self._issue_later()
         return i
 
     def _count_earlier(self, req: Req, seq0: int) -> None:
@@ -546,11 +559,16 @@ class RingCore(FusedCommands):
         else:
             self._release_unit(head, count, drain)
 
-    def _release_unit(self, head: Req, count: int, drain: bool) -> None:
+    def _release_unit(self, head: Req, count: int, drain: bool, later: bool = False) -> None:
         self.live += count
         if drain:
             self._barrier = True
-        self.issue(head)
+        if later or drain:
+            head.flags |= _F_ASYNC  # the kernel runs drained and deferred units in io-wq
+        if self._submitting and head.flags & _F_ASYNC:
+            self._later.append(head)  # io-wq or task work: after the whole submission
+        else:
+            self.issue(head)
 
     def _release_deferred(self) -> None:
         deferred = self._deferred
@@ -559,7 +577,16 @@ class RingCore(FusedCommands):
             if drain and self.live:
                 return
             deferred.popleft()
-            self._release_unit(head, count, drain)
+            self._release_unit(head, count, drain, later=True)
+
+    def _issue_later(self) -> None:
+        """The end of ``submit()``: start what the kernel starts from task work or io-wq
+        after the submission (chain followers, IOSQE_ASYNC requests, a chain left open at
+        the end, drained units released meanwhile), in the order they became ready."""
+        later = self._later
+        for req in later:
+            self.issue(req)
+        later.clear()
 
     def _fail_unit(self, reqs: list[Req]) -> None:
         """A chain (or standalone request) with an init error (SPEC L3, F-rules): its head
@@ -783,7 +810,13 @@ class RingCore(FusedCommands):
         pending = len(targets) + direct
         if not pending:
             # With CANCEL_ALL the result is a count, 0 when nothing matched.
-            self.finish(req, 0 if every else ENOENT, _COMPLETE)
+            if every:
+                res = 0
+            elif key == req.user_data and req.flags & _F_ASYNC:
+                res = EALREADY  # run as io-wq work (SPEC L6), it finds itself running
+            else:
+                res = ENOENT
+            self.finish(req, res, _COMPLETE)
             return
         for t in targets:
             self.cancel_req(t, one)
@@ -883,7 +916,12 @@ class RingCore(FusedCommands):
             if failed and not (req.flags & _F_HARDLINK and not req.err):
                 self._fail_links(nxt, bool(skip) or drop_cqe)
             else:
-                self.issue(nxt)
+                if req.flags & _F_ASYNC:
+                    nxt.flags |= _F_ASYNC  # an io-wq worker runs the chain on
+                if self._submitting:
+                    self._later.append(nxt)  # the kernel queues it as task work
+                else:
+                    self.issue(nxt)
         if inp is not _RESULT:
             self._release(req)
 
