@@ -49,7 +49,10 @@ async def test_second_instance_on_the_same_address_fails_to_start(first: int, se
             str(first),
         ) as a,
     ):
-        await a.wait_event("proxy_listening", count=first)
+        try:
+            await a.wait_event("proxy_listening", count=first)
+        except TimeoutError:
+            pytest.fail(f"the first instance's workers did not all listen: {a.raw}")
         port = await a.port()
         b = await asyncio.create_subprocess_exec(
             *PROXY,
