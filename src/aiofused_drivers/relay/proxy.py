@@ -3,14 +3,16 @@
 Theory of operation
 -------------------
 Per connection there are two *pumps*, client→upstream and upstream→client.  A pump
-is a loop of fused commands on the relay driver (:mod:`aiofused_drivers.relay`)::
+is a chain of fused commands on the relay driver (:mod:`aiofused_drivers.relay`),
+driven by their completion callbacks (:class:`_Pipe`, on :meth:`Ring.open_fused`)::
 
-    async with ring.fused(relay, RELAY_RECV, cmd=src.cmd, buf_dir=BufDir.SRC) as lease:
-        send lease.buffer to the destination and, concurrently, to every live mirror
+    RELAY_RECV primary --lent(n)--> SEND secondaries: the destination and, concurrently,
+    every live mirror --all done--> seal --completion--> the next RELAY_RECV
 
 The primary receives into a buffer from the driver's bounded pool and lends it; the
 SEND secondaries read that same memory; the buffer goes back to the pool when the
-primary completes.  Python never copies payload bytes.
+primary completes.  Python never copies payload bytes, and a chunk costs no
+coroutine, task or future.
 
 Semantics:
 
@@ -77,6 +79,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import math
@@ -90,7 +93,7 @@ import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiofused import BufDir, DriverFile, Ring, SetupFlag
+from aiofused import BufDir, DriverFile, Op, Ring, SetupFlag
 from aiofused.backend import get_backend_class
 from aiofused.driver import (
     ArgumentParser,
@@ -132,6 +135,11 @@ _TCP_INFO_LEN = _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size
 _IDLE_CHECKS = 4
 #: Loop iterations a mirror send may take to report after the main send finished.
 _MIRROR_GRACE_ITERATIONS = 3
+_OP_SEND = Op.SEND
+_EAGAIN = -errno.EAGAIN
+_ECANCELED = -errno.ECANCELED
+# A mirror's send of the current chunk: none, MSG_DONTWAIT, waiting (the grace), ended.
+_M_IDLE, _M_NOWAIT, _M_WAIT, _M_DONE, _M_FAILED = range(5)
 
 
 # ---- configuration -------------------------------------------------------------------
@@ -676,13 +684,6 @@ async def _wait_all(tasks: list[asyncio.Task[Any]]) -> bool:
     return interrupted
 
 
-async def _send_all(lease: Any, sock: socket.socket, n: int) -> None:
-    # MSG_WAITALL: the backend (or the kernel) retries a short send itself.
-    sent = await lease.send(sock, 0, n, _MSG_WAITALL)
-    while sent < n:
-        sent += await lease.send(sock, sent, n - sent, _MSG_WAITALL)
-
-
 class ProxyServer:
     """The proxy in one process.  ``async with ProxyServer(config) as proxy:`` serves.
 
@@ -1153,44 +1154,9 @@ class ProxyServer:
     async def _pump(
         self, conn: _Connection, src: RelayChannel, dst: RelayChannel, upstream_dir: bool
     ) -> None:
-        """Relay ``src`` to ``dst`` (and the mirrors, client→upstream) until end of stream.
-
-        One fused command per chunk: the relay lends what it received, the SENDs read it.
-        A reset or error of ``src`` raises out of the scope's entry as ``OSError``.
-        """
-        assert self._ring is not None and self._relay_file is not None
-        stats = self.stats
-        fused = self._ring.fused
-        relay = self._relay_file
-        cmd = src.cmd
-        dst_sock = dst.sock
-        mirrors = conn.mirrors if upstream_dir else []
-        first = True
-        while True:
-            async with fused(relay, RELAY_RECV, cmd=cmd, buf_dir=BufDir.SRC) as lease:
-                if not lease.lent:  # end of stream: the relay completed without lending
-                    break
-                n = len(lease.buffer)
-                if mirrors:
-                    if first:
-                        await self._settle_mirrors(conn)
-                        first = False
-                    await self._send_mirrored(conn, lease, dst_sock, n)
-                else:
-                    sent = await lease.send(dst_sock, 0, n, _MSG_WAITALL)
-                    while sent < n:  # MSG_WAITALL makes this rare
-                        sent += await lease.send(dst_sock, sent, n - sent, _MSG_WAITALL)
-            conn.chunks += 1
-            stats.chunks += 1
-            if upstream_dir:
-                stats.bytes_upstream += n
-            else:
-                stats.bytes_downstream += n
-        # End of stream: propagate the half-close.
-        with contextlib.suppress(OSError):
-            dst_sock.shutdown(socket.SHUT_WR)
-        for m in mirrors:
-            m.shutdown_write()
+        """Relay ``src`` to ``dst`` (and the mirrors, client→upstream) until end of stream
+        (see :class:`_Pipe`); a reset or error raises ``OSError``."""
+        await _Pipe(self, conn, src, dst, upstream_dir).run()
 
     async def _settle_mirrors(self, conn: _Connection) -> None:
         """At the first byte, wait briefly for mirrors still connecting (they started with
@@ -1198,78 +1164,330 @@ class ProxyServer:
         connecting = [m.task for m in conn.mirrors if m.task is not None and not m.task.done()]
         if connecting:
             await asyncio.wait(connecting, timeout=max(self.config.mirror_grace, 0.1))
+        self._cut_unconnected(conn)
+
+    @staticmethod
+    def _cut_unconnected(conn: _Connection) -> None:
         for m in conn.mirrors:
             if not m.failed and m.sock is None:
                 m.fail("not_connected_by_first_byte")
 
-    async def _send_mirrored(
-        self, conn: _Connection, lease: Any, dst: socket.socket, n: int
+
+class _Pipe:
+    """One direction of a connection, driven by completion callbacks.
+
+    Per chunk one RELAY_RECV fused command (:meth:`Ring.open_fused`): the relay lends
+    what it received, a SEND secondary takes it to ``dst`` (``MSG_WAITALL``; the rest of
+    a short send in another), and client→upstream one ``MSG_DONTWAIT`` SEND per live
+    mirror reads the same memory (with ``mirror_grace``, a waiting SEND for what did not
+    fit).  Once the main SEND is done, the mirrors get a few loop iterations (plus the
+    grace) before their sends are cancelled and a mirror that missed bytes is cut; then
+    the command is sealed, and its completion starts the next one.  No coroutine, task
+    or future per chunk: :meth:`run` waits once for the end of the stream.
+
+    A cancelled :meth:`run` cancels what is in flight and returns only once the command
+    has completed (its buffer is back with the relay).
+    """
+
+    __slots__ = (
+        "_aborting",
+        "_cmd",
+        "_completed",
+        "_done",
+        "_dst",
+        "_error",
+        "_first",
+        "_grace",
+        "_graced",
+        "_lent",
+        "_main_done",
+        "_mirror_cbs",
+        "_msent",
+        "_mstate",
+        "_mwait",
+        "_n",
+        "_on_complete",
+        "_on_lent",
+        "_on_sent",
+        "_relay",
+        "_ring",
+        "_sent",
+        "_server",
+        "_settle_left",
+        "_settling",
+        "_src_cmd",
+        "_stopped",
+        "conn",
+        "mirrors",
+        "upstream_dir",
+    )
+
+    def __init__(
+        self,
+        server: ProxyServer,
+        conn: _Connection,
+        src: RelayChannel,
+        dst: RelayChannel,
+        upstream_dir: bool,
     ) -> None:
-        grace = self.config.mirror_grace
-        side: list[tuple[_Mirror, asyncio.Task[int]]] = []
-        for m in conn.mirrors:
+        assert server._ring is not None and server._relay_file is not None
+        self._server = server
+        self._ring = server._ring
+        self._relay = server._relay_file
+        self.conn = conn
+        self.upstream_dir = upstream_dir
+        self._src_cmd = src.cmd
+        self._dst = dst.sock
+        self.mirrors = conn.mirrors if upstream_dir else []
+        self._grace = server.config.mirror_grace
+        self._cmd: Any = None  # the command in flight
+        self._completed = 0
+        self._lent = False
+        self._n = 0
+        self._sent = 0
+        self._main_done = False
+        self._error: OSError | None = None
+        self._aborting = False
+        self._first = True
+        self._settling: asyncio.Task[None] | None = None
+        self._settle_left = 0
+        self._graced = False
+        #: Per mirror: bytes of this chunk it took, its state (_M_*), and its callback.
+        self._msent = [0] * len(self.mirrors)
+        self._mstate = [_M_IDLE] * len(self.mirrors)
+        self._mwait = 0
+        self._done: asyncio.Future[None] | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        # Bound once: a chunk allocates no callback.
+        self._on_lent = self._lent_cb
+        self._on_complete = self._complete_cb
+        self._on_sent = self._sent_cb
+        self._mirror_cbs = [functools.partial(self._mirror_cb, i) for i in range(len(self.mirrors))]
+
+    async def run(self) -> None:
+        """Relay until end of stream (half-close passed on) or raise the error."""
+        self._done = done = asyncio.get_running_loop().create_future()
+        self._next()
+        try:
+            await done
+        except asyncio.CancelledError:
+            self._abort()
+            await self._wait_stopped()
+            raise
+        if self._error is not None:
+            raise self._error
+
+    # ---- the chunk loop ----------------------------------------------------------------
+
+    def _next(self) -> None:
+        before = self._completed
+        cmd = self._ring.open_fused(
+            self._relay,
+            RELAY_RECV,
+            cmd=self._src_cmd,
+            buf_dir=BufDir.SRC,
+            on_lent=self._on_lent,
+            on_complete=self._on_complete,
+        )
+        if self._completed == before:  # still in flight (it may have completed at once)
+            self._cmd = cmd
+
+    def _lent_cb(self, cmd: Any, n: int) -> None:
+        self._cmd = cmd
+        self._lent = True
+        self._n = n
+        self._sent = 0
+        self._main_done = False
+        if self._first and self.mirrors:
+            self._first = False
+            connecting = [m for m in self.mirrors if m.task is not None and not m.task.done()]
+            if connecting:
+                self._settling = asyncio.ensure_future(self._settle_first(cmd, n))
+                return
+            self._server._cut_unconnected(self.conn)
+        self._start_sends(cmd, n)
+
+    async def _settle_first(self, cmd: Any, n: int) -> None:
+        await self._server._settle_mirrors(self.conn)
+        self._settling = None
+        if not self._aborting:
+            self._start_sends(cmd, n)
+
+    def _start_sends(self, cmd: Any, n: int) -> None:
+        ring = self._ring
+        ring.fused_secondary(
+            cmd, _OP_SEND, self._dst, nbytes=n, flags=_MSG_WAITALL, on_complete=self._on_sent
+        )
+        for i, m in enumerate(self.mirrors):
             if m.live and m.sock is not None:
                 m.busy = True
-                side.append((m, asyncio.ensure_future(_mirror_send(lease, m.sock, n, grace))))
+                self._msent[i] = 0
+                self._mstate[i] = _M_NOWAIT
+                self._mwait += 1
+                ring.fused_secondary(
+                    cmd,
+                    _OP_SEND,
+                    m.sock,
+                    nbytes=n,
+                    flags=socket.MSG_DONTWAIT,
+                    on_complete=self._mirror_cbs[i],
+                )
             else:
+                self._mstate[i] = _M_IDLE
                 m.count(0, n)
-        try:
-            await _send_all(lease, dst, n)
-        finally:
-            if side:
-                await self._settle_mirror_sends(side, n, grace)
 
-    async def _settle_mirror_sends(
-        self, side: list[tuple[_Mirror, asyncio.Task[int]]], n: int, grace: float
-    ) -> None:
-        """Mirror sends do not wait for socket space (MSG_DONTWAIT) beyond ``grace``; give
-        their completions a few loop iterations (or ``grace``) to arrive, then a send still
-        pending is cancelled."""
-        for _ in range(_MIRROR_GRACE_ITERATIONS):
-            if all(task.done() for _, task in side):
-                break
-            await asyncio.sleep(0)
-        pending = [t for _, t in side if not t.done()]
-        if pending and grace > 0:
-            await asyncio.wait(pending, timeout=grace)
-        for _m, task in side:
-            if not task.done():
-                task.cancel()
-        interrupted = await _wait_all([t for _, t in side])
-        for m, task in side:
+    def _sent_cb(self, res: int, flags: int) -> None:
+        if res > 0:
+            self._sent += res
+            if self._sent < self._n and not self._aborting:  # MSG_WAITALL makes this rare
+                self._ring.fused_secondary(
+                    self._cmd,
+                    _OP_SEND,
+                    self._dst,
+                    at=self._sent,
+                    nbytes=self._n - self._sent,
+                    flags=_MSG_WAITALL,
+                    on_complete=self._on_sent,
+                )
+                return
+        elif self._error is None:
+            code = -res if res < 0 else errno.EPIPE
+            self._error = OSError(code, os.strerror(code))
+        self._main_done = True
+        if self._mwait:
+            self._settle_left = _MIRROR_GRACE_ITERATIONS
+            self._graced = False
+            asyncio.get_running_loop().call_soon(self._settle)
+        else:
+            self._ring.seal(self._cmd)
+
+    def _mirror_cb(self, i: int, res: int, flags: int) -> None:
+        m = self.mirrors[i]
+        n = self._n
+        if res > 0:
+            self._msent[i] += res
+        left = n - self._msent[i]
+        if left and res > 0 and self._mstate[i] == _M_NOWAIT and m.sock is not None:
+            self._mirror_send(i, m, left, socket.MSG_DONTWAIT)  # what it takes now
+            return
+        if (
+            left
+            and res in (0, _EAGAIN)
+            and self._grace > 0
+            and self._mstate[i] == _M_NOWAIT
+            and m.sock is not None
+            and not self._aborting
+        ):
+            self._mstate[i] = _M_WAIT  # waits for socket space until the grace ends
+            self._mirror_send(i, m, left, _MSG_WAITALL)
+            return
+        self._mstate[i] = _M_FAILED if res < 0 and res not in (_EAGAIN, _ECANCELED) else _M_DONE
+        self._mwait -= 1
+        if not self._mwait and self._main_done:
+            self._ring.seal(self._cmd)
+
+    def _mirror_send(self, i: int, m: _Mirror, left: int, flags: int) -> None:
+        assert m.sock is not None
+        self._ring.fused_secondary(
+            self._cmd,
+            _OP_SEND,
+            m.sock,
+            at=self._n - left,
+            nbytes=left,
+            flags=flags,
+            on_complete=self._mirror_cbs[i],
+        )
+
+    def _settle(self) -> None:
+        """The main SEND is done: give the mirrors' sends a few iterations (and the
+        grace), then cancel the ones still pending."""
+        if not self._mwait:
+            return
+        if self._settle_left > 0:
+            self._settle_left -= 1
+            asyncio.get_running_loop().call_soon(self._settle)
+        elif self._grace > 0 and not self._graced:
+            self._graced = True
+            asyncio.get_running_loop().call_later(self._grace, self._settle)
+        else:
+            self._ring.cancel_secondaries(self._cmd)
+
+    def _complete_cb(self, res: int, flags: int) -> None:
+        """The chunk's command completed (every secondary has)."""
+        self._completed += 1
+        self._cmd = None
+        lent, self._lent = self._lent, False
+        if lent and self.mirrors:
+            self._account_mirrors()
+        if res > 0 and self._error is None:
+            conn, stats = self.conn, self._server.stats
+            conn.chunks += 1
+            stats.chunks += 1
+            if self.upstream_dir:
+                stats.bytes_upstream += res
+            else:
+                stats.bytes_downstream += res
+            if not self._aborting:
+                self._next()
+                return
+        elif res == 0 and not self._aborting:
+            # End of stream: propagate the half-close.
+            with contextlib.suppress(OSError):
+                self._dst.shutdown(socket.SHUT_WR)
+            for m in self.mirrors:
+                m.shutdown_write()
+        elif res < 0 and self._error is None and not self._aborting:
+            self._error = OSError(-res, os.strerror(-res))
+        self._finish()
+
+    def _account_mirrors(self) -> None:
+        n = self._n
+        for i, m in enumerate(self.mirrors):
+            state = self._mstate[i]
+            if state == _M_IDLE:
+                continue
+            self._mstate[i] = _M_IDLE
             m.busy = False
-            exc = None if task.cancelled() else task.exception()
-            sent = task.result() if not task.cancelled() and exc is None else 0
+            sent = self._msent[i]
             m.mstats.sends += 1
             m.count(sent, n - sent)
-            if sent < n:
-                if exc is not None:
-                    m.fail("send_failed", exc)
-                elif not m.failed:
-                    m.fail("lagging")
+            if sent < n and not m.failed:
+                m.fail("send_failed" if state == _M_FAILED else "lagging")
             if m.failed:
                 m.close(abort=True)
-        if interrupted:
-            raise asyncio.CancelledError
+
+    def _finish(self) -> None:
+        for fut in (self._done, self._stopped):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    # ---- cancellation ------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        self._aborting = True
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
+        cmd = self._cmd
+        if cmd is None:
+            return
+        if self._lent:
+            self._ring.cancel_secondaries(cmd)
+            self._ring.seal(cmd)
+        else:
+            self._ring.cancel_req(cmd, _ignore_result)  # parked: the relay completes it
+
+    async def _wait_stopped(self) -> None:
+        """Wait, through any cancellation, until the command in flight has completed."""
+        while self._cmd is not None:
+            self._stopped = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stopped
+        self._stopped = None
 
 
-async def _mirror_send(lease: Any, sock: socket.socket, n: int, grace: float) -> int:
-    """Send what the mirror's socket buffer takes now (and, with ``grace``, what it takes
-    within that many seconds); fewer than ``n`` means it lags by more than that."""
-    sent = 0
-    try:
-        sent = await lease.send(sock, 0, n, socket.MSG_DONTWAIT)
-        while 0 < sent < n:
-            more: int = await lease.send(sock, sent, n - sent, socket.MSG_DONTWAIT)
-            if not more:
-                break
-            sent += more
-    except BlockingIOError:
-        pass
-    if sent < n and grace > 0:
-        # Waits for socket space; the settle step cancels it when the grace is over.
-        sent += await lease.send(sock, sent, n - sent, _MSG_WAITALL)
-    return sent
+def _ignore_result(res: int) -> None:
+    pass
 
 
 def _peer(peer: Any) -> str:
