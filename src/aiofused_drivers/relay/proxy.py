@@ -1267,15 +1267,25 @@ class _Pipe:
     async def run(self) -> None:
         """Relay until end of stream (half-close passed on) or raise the error."""
         self._done = done = asyncio.get_running_loop().create_future()
-        self._next()
         try:
-            await done
-        except asyncio.CancelledError:
-            self._abort()
-            await self._wait_stopped()
-            raise
-        if self._error is not None:
-            raise self._error
+            self._next()
+            try:
+                await done
+            except asyncio.CancelledError:
+                self._abort()
+                await self._wait_stopped()
+                raise
+        finally:
+            # Nothing is in flight any more: drop the bound callbacks, each a reference
+            # back to this pipe (else every pipe and its connection is a cycle for the GC).
+            del self._on_lent, self._on_complete, self._on_sent
+            self._mirror_cbs.clear()
+        err, self._error = self._error, None
+        if err is not None:
+            try:
+                raise err
+            finally:
+                del err  # this frame is in its traceback: no cycle through a local
 
     # ---- the chunk loop ----------------------------------------------------------------
 
