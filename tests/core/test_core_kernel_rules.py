@@ -502,3 +502,23 @@ def test_c2_an_open_chain_at_the_end_runs_as_async() -> None:
     core.submit()
     assert port.pairs() == [(1, EALREADY)]
     port.assert_quiet()
+
+
+def test_c2_a_cancel_finds_an_async_request_still_queued() -> None:
+    core, port = make_core()
+    sqe(core, 1, "nop", flags=int(SqeFlag.ASYNC))  # queued for io-wq
+    sqe(core, 2, "cancel", 1, flags=LINK)
+    sqe(core, 3, "nop")
+    core.submit()
+    assert port.pairs() == [(1, ECANCELED), (2, 0), (3, 0)]
+    port.assert_quiet()
+
+
+def test_c5_a_counting_timeout_heading_a_chain_counts_earlier_cqes() -> None:
+    core, port = make_core()
+    sqe(core, 1, "nop")
+    sqe(core, 2, "timeout", 10.0, 1, flags=LINK)
+    sqe(core, 3, "nop")
+    core.submit()
+    assert port.pairs() == [(1, 0), (2, 0), (3, 0)]
+    port.assert_quiet()

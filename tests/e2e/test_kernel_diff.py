@@ -192,6 +192,11 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(5, RECV, ASYNC, fd=f"r{R_STREAM}.1", len=10, addr="b10"),
         SqeSpec(6, SEND, fd=f"r{R_STREAM}.0", len=10, addr="b10"),
     ),
+    "c5 a counting TIMEOUT heading a chain": _b(
+        SqeSpec(1, NOP),
+        SqeSpec(2, TIMEOUT, LINK, off=1, len=1, addr="t2000000"),
+        SqeSpec(3, TIMEOUT, len=1, addr="t4000000"),
+    ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)
     ),

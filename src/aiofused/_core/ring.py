@@ -292,13 +292,13 @@ class RingCore(FusedCommands):
                 if linked:
                     continue
                 unit, chain = chain, None
-                if self._end_chain(unit, chain_failed) and self._stop_on_error():
+                if self._end_chain(unit, chain_failed, seq0) and self._stop_on_error():
                     break  # the kernel stops only if the failing SQE ends the chain
             if chain is not None:  # SPEC L1: the last SQE ends the chain
                 if not chain_failed:
                     # io_submit_state_end hands an unterminated chain to io-wq.
                     chain[0].flags |= _F_ASYNC
-                self._end_chain(chain, chain_failed)
+                self._end_chain(chain, chain_failed, seq0)
         finally:
             self._submitting = False
         del sq[:i]
@@ -311,8 +311,13 @@ class RingCore(FusedCommands):
         posted before it: the kernel arms it from the CQ tail it cached, and flushes the
         submission's completions after (R7).  Not when it waits behind a drain: it is
         armed later then, after they were flushed."""
-        if self._deferred or self._barrier or (req.flags & _F_DRAIN and self.live):
-            return
+        if (
+            self._deferred
+            or self._barrier
+            or req.flags & _F_ASYNC
+            or (req.flags & _F_DRAIN and self.live)
+        ):
+            return  # armed after the submission, once its CQEs were flushed
         left = req.offset - (self._cqe_seq - seq0)
         req.offset = left if left > 0 else -1  # -1: reached at arming (0 means no count)
 
@@ -321,10 +326,13 @@ class RingCore(FusedCommands):
         set up with ``SetupFlag.SUBMIT_ALL`` (``io_submit_sqes``)."""
         return not self.flags & SetupFlag.SUBMIT_ALL
 
-    def _end_chain(self, chain: list[Req], failed: bool) -> bool:
+    def _end_chain(self, chain: list[Req], failed: bool, seq0: int) -> bool:
         """Start a complete chain, or fail it (SPEC L3); True if its last SQE failed init,
         which stops ``submit`` (SPEC R4)."""
         if not failed:
+            head = chain[0]
+            if head.offset and head.opcode == _OP_TIMEOUT and self._cqe_seq != seq0:
+                self._count_earlier(head, seq0)
             self._start_unit(chain)
             return False
         self._fail_unit(chain)
@@ -789,6 +797,17 @@ class RingCore(FusedCommands):
             and r.opcode != _OP_ASYNC_CANCEL
             and r.opcode != _OP_LINK_TIMEOUT
         ]
+        if self._later:
+            # Queued for io-wq by this submit and not started: found where they wait.
+            targets += [
+                r
+                for r in self._later
+                if r.user_data == key
+                and r.state is _PREPARED
+                and r.flags & _F_ASYNC
+                and r.opcode != _OP_LINK_TIMEOUT
+                and r is not req
+            ]
         every = req.rw_flags & IORING_ASYNC_CANCEL_ALL
         if not every:
             targets = targets[:1]
@@ -819,7 +838,11 @@ class RingCore(FusedCommands):
             self.finish(req, res, _COMPLETE)
             return
         for t in targets:
-            self.cancel_req(t, one)
+            if t.state is _PREPARED:
+                self.fail_one(t, ECANCELED, False)  # io-wq work cancelled before it ran
+                one(0)
+            else:
+                self.cancel_req(t, one)
 
     def cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None:
         """Request cancellation of an issued request; ``on_result`` gets 0/-EALREADY/-ENOENT."""
