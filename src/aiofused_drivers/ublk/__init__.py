@@ -1,7 +1,8 @@
 """ublk-style block device driver with zero-copy targets, served over NBD.
 
 * :class:`UblkDriver` (entry point ``ublk``): queues, tags, request buffers and the
-  ublk commands FETCH_REQ / COMMIT_AND_FETCH_REQ / FUSED_SUBMIT_IO.
+  ublk commands FETCH_REQ / COMMIT_AND_FETCH_REQ / FUSED_SUBMIT_IO, and with
+  ``batch_io`` (UBLK_F_BATCH_IO) FETCH_IO_CMDS / COMMIT_IO_CMDS for many tags at once.
 * Targets (:func:`make_target`): ``null``, ``loop``, ``mirror``, ``linear``; the data
   path of each is a fused command on the request's own buffer.
 * :class:`UblkServer` runs a target against a device on a ring;
@@ -11,6 +12,8 @@
 
 from ._device import (
     UBLK_IO_COMMIT_AND_FETCH_REQ,
+    UBLK_IO_COMMIT_IO_CMDS,
+    UBLK_IO_FETCH_IO_CMDS,
     UBLK_IO_FETCH_REQ,
     UBLK_IO_FUSED_SUBMIT_IO,
     UBLK_IO_RES_ABORT,
@@ -19,6 +22,7 @@ from ._device import (
     IoDesc,
     IoOp,
     UblkDriver,
+    pack_batch_cmd,
     pack_io_cmd,
 )
 from ._mapping import MappingStore, SqliteMappingStore
@@ -38,6 +42,8 @@ from ._targets import (
 
 __all__ = [
     "UBLK_IO_COMMIT_AND_FETCH_REQ",
+    "UBLK_IO_COMMIT_IO_CMDS",
+    "UBLK_IO_FETCH_IO_CMDS",
     "UBLK_IO_FETCH_REQ",
     "UBLK_IO_FUSED_SUBMIT_IO",
     "UBLK_IO_RES_ABORT",
@@ -64,6 +70,7 @@ __all__ = [
     "UblkServer",
     "export_from_spec",
     "make_target",
+    "pack_batch_cmd",
     "pack_io_cmd",
     "parse_export",
     "parse_size",

@@ -12,6 +12,27 @@ talks to the device only through ring commands:
                                  seed F26); -EINVAL for the wrong direction or a request
                                  without data; -EOPNOTSUPP for any other fused cmd_op (F35)
 
+With ``batch_io`` (the kernel's ``UBLK_F_BATCH_IO``) a queue's tags are not armed one
+command each; instead (``cmd`` bytes are ``struct ublk_batch_io``, :data:`BATCH_CMD`:
+``q_id u16, flags u16, nr_elem u32, addr u64``):
+
+``UBLK_IO_FETCH_IO_CMDS``        one per queue: completes (res = how many) once requests
+                                 landed on the queue's tags; :meth:`UblkDriver.take_fetched`
+                                 then hands over *every* tag that landed since (the
+                                 kernel writes them into the fetch's buffer), so one
+                                 completion serves a whole burst.  Issued while requests
+                                 are waiting, it completes inline.  -EBUSY if one is armed.
+``UBLK_IO_COMMIT_IO_CMDS``       end many requests at once: ``addr`` names an element list
+                                 the server stored with :meth:`UblkDriver.commit_buffer`
+                                 (the kernel reads ``nr_elem`` ``(tag, result)`` elements
+                                 from user memory at ``addr``); res = ``nr_elem``, or
+                                 -EINVAL if any element named a tag without a fetched
+                                 request (the others still commit).  A committed tag
+                                 takes the next request at once; no re-arm is needed.
+
+The per-tag commands are -EINVAL on a batch device and the batch ones on a per-tag
+device; FUSED_SUBMIT_IO is the same on both.
+
 Theory of operation (buffer lifetime): a request holds its buffer from ``queue_rq``
 until the front end is done with it.  Every successful fused submit takes a reference
 on the request; COMMIT_AND_FETCH ends the request only once those references are
@@ -31,6 +52,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any, Final
@@ -39,8 +61,11 @@ from aiofused import EIOCBQUEUED, BufDir, UringCmd
 from aiofused.driver import get_logger
 
 __all__ = [
+    "BATCH_CMD",
     "IO_CMD",
     "UBLK_IO_COMMIT_AND_FETCH_REQ",
+    "UBLK_IO_COMMIT_IO_CMDS",
+    "UBLK_IO_FETCH_IO_CMDS",
     "UBLK_IO_FETCH_REQ",
     "UBLK_IO_FUSED_SUBMIT_IO",
     "UBLK_IO_RES_ABORT",
@@ -49,6 +74,7 @@ __all__ = [
     "IoDesc",
     "IoOp",
     "UblkDriver",
+    "pack_batch_cmd",
     "pack_io_cmd",
 ]
 
@@ -57,12 +83,16 @@ log = get_logger(__name__)
 UBLK_IO_FETCH_REQ: Final = 0x20
 UBLK_IO_COMMIT_AND_FETCH_REQ: Final = 0x21
 UBLK_IO_FUSED_SUBMIT_IO: Final = 0x23
+UBLK_IO_COMMIT_IO_CMDS: Final = 0x26
+UBLK_IO_FETCH_IO_CMDS: Final = 0x27
 
 UBLK_IO_RES_OK: Final = 0
 UBLK_IO_RES_ABORT: Final = -errno.ENODEV
 
 #: ``struct ublksrv_io_cmd``.
 IO_CMD: Final = struct.Struct("<HHiQ")
+#: ``struct ublk_batch_io`` (here: ``q_id, flags, nr_elem, addr``).
+BATCH_CMD: Final = struct.Struct("<HHIQ")
 
 UBLK_IO_F_FUA: Final = 1 << 13
 UBLK_IO_F_NOUNMAP: Final = 1 << 15
@@ -82,6 +112,11 @@ class IoOp(enum.IntEnum):
 def pack_io_cmd(q_id: int, tag: int, result: int = 0, addr: int = 0) -> bytes:
     """Build the ``cmd`` bytes of a ublk io command."""
     return IO_CMD.pack(q_id, tag, result, addr)
+
+
+def pack_batch_cmd(q_id: int, nr_elem: int = 0, addr: int = 0) -> bytes:
+    """Build the ``cmd`` bytes of a batch command (FETCH_IO_CMDS, COMMIT_IO_CMDS)."""
+    return BATCH_CMD.pack(q_id, 0, nr_elem, addr)
 
 
 _OP_READ: Final = int(IoOp.READ)
@@ -153,19 +188,35 @@ class IoDesc:
 
 
 class _Io:
-    """Per-tag state (``struct ublk_io``)."""
+    """Per-tag state (``struct ublk_io``).  ``fcmd``/``freq``/``fexpected`` hold the
+    tag's (first) fused submit in flight, so a lend needs no pdu entries; ``fdone`` is
+    its completion callback, made once per tag."""
 
-    __slots__ = ("cmd", "key", "req")
+    __slots__ = ("cmd", "fcmd", "fdone", "fexpected", "freq", "key", "req")
 
     def __init__(self, key: tuple[int, int]) -> None:
         self.cmd: UringCmd | None = None
         self.req: BlockRequest | None = None
         #: ``(q_id, tag)``, what an armed command's pdu names.
         self.key = key
+        self.fcmd: UringCmd | None = None
+        self.freq: BlockRequest | None = None
+        self.fexpected = 0
+        self.fdone: Callable[[UringCmd], None] | None = None
 
 
 class _Queue:
-    __slots__ = ("backlog", "free_tags", "iods", "ios", "q_id")
+    __slots__ = (
+        "backlog",
+        "commits",
+        "fetch_cmd",
+        "fetched",
+        "free_tags",
+        "iods",
+        "ios",
+        "next_addr",
+        "q_id",
+    )
 
     def __init__(self, q_id: int, depth: int) -> None:
         self.q_id = q_id
@@ -173,6 +224,12 @@ class _Queue:
         self.iods = [IoDesc() for _ in range(depth)]
         self.free_tags: collections.deque[int] = collections.deque()
         self.backlog: collections.deque[BlockRequest] = collections.deque()
+        # batch_io: the armed FETCH_IO_CMDS, the tags that landed and were not yet taken
+        # by the server, and the commit element lists by ``addr``.
+        self.fetch_cmd: UringCmd | None = None
+        self.fetched: list[int] = []
+        self.commits: dict[int, list[int]] = {}
+        self.next_addr = 1
 
 
 class UblkDriver:
@@ -192,6 +249,7 @@ class UblkDriver:
         nr_queues: int = 1,
         queue_depth: int = 128,
         logical_block_size: int = 512,
+        batch_io: bool = False,
     ) -> None:
         if not 1 <= nr_queues <= 64:
             raise ValueError("nr_queues must be 1..64")
@@ -202,7 +260,15 @@ class UblkDriver:
         self.queue_depth = queue_depth
         self.logical_block_size = logical_block_size
         self._queues = [_Queue(q, queue_depth) for q in range(nr_queues)]
+        #: UBLK_F_BATCH_IO: tags are fetched and committed in batches (module doc).
+        self.batch_io = batch_io
+        for q in self._queues:
+            for io in q.ios:
+                io.fdone = functools.partial(self._fused_done_io, io)
+            if batch_io:  # every tag takes a request; none needs arming
+                q.free_tags.extend(range(queue_depth))
         self._cancel_hook = self._cancel  # one bound method, not one per armed command
+        self._fetch_cancel_hook = self._cancel_fetch
         self._stopped = False
         #: Requests queued and not yet ended (for leak checks).
         self.inflight = 0
@@ -230,9 +296,7 @@ class UblkDriver:
 
     def _start(self, q: _Queue, tag: int, req: BlockRequest) -> None:
         io = q.ios[tag]
-        cmd = io.cmd
-        assert cmd is not None and io.req is None
-        io.cmd = None
+        assert io.req is None
         io.req = req
         req.tag = tag
         iod = q.iods[tag]
@@ -240,7 +304,37 @@ class UblkDriver:
         iod.flags = req.flags
         iod.nr_bytes = req.length
         iod.start = req.offset
+        if self.batch_io:
+            fetched = q.fetched
+            fetched.append(tag)
+            cmd = q.fetch_cmd
+            if cmd is not None:
+                q.fetch_cmd = None
+                cmd.done(len(fetched))
+            return
+        cmd = io.cmd
+        assert cmd is not None
+        io.cmd = None
         cmd.done(UBLK_IO_RES_OK)
+
+    def take_fetched(self, q_id: int) -> list[int]:
+        """batch_io: the tags whose requests landed since the last call (the server reads
+        them after a FETCH_IO_CMDS completion), in arrival order."""
+        q = self._queues[q_id]
+        tags = q.fetched
+        if not tags:
+            return tags
+        q.fetched = []
+        return tags
+
+    def commit_buffer(self, q_id: int, elems: list[int]) -> int:
+        """batch_io: store ``elems`` (``tag, result`` pairs, flat) for one
+        COMMIT_IO_CMDS; returns the ``addr`` that command names."""
+        q = self._queues[q_id]
+        addr = q.next_addr
+        q.next_addr = addr + 1
+        q.commits[addr] = elems
+        return addr
 
     def iod(self, q_id: int, tag: int) -> IoDesc:
         """The descriptor of the request on ``(q_id, tag)`` (the server's mmap view)."""
@@ -257,6 +351,16 @@ class UblkDriver:
                 req = q.backlog.popleft()
                 self._end(req, -errno.ESHUTDOWN)
             q.free_tags.clear()
+            # batch_io: requests that landed but were never fetched end here.
+            fetched, q.fetched = q.fetched, []
+            for tag in fetched:
+                io = q.ios[tag]
+                landed, io.req = io.req, None
+                if landed is not None:
+                    self._end(landed, -errno.ESHUTDOWN)
+            cmd, q.fetch_cmd = q.fetch_cmd, None
+            if cmd is not None and not cmd.finished:
+                cmd.done(UBLK_IO_RES_ABORT)
             for io in q.ios:
                 cmd, io.cmd = io.cmd, None
                 if cmd is not None and not cmd.finished:
@@ -270,6 +374,11 @@ class UblkDriver:
 
     def uring_cmd(self, cmd: UringCmd, issue_flags: int) -> int:
         """Handle FETCH / COMMIT_AND_FETCH / FUSED_SUBMIT_IO (see the module doc)."""
+        op = cmd.cmd_op
+        if op in (UBLK_IO_FETCH_IO_CMDS, UBLK_IO_COMMIT_IO_CMDS):
+            if cmd.is_fused:
+                return -errno.EOPNOTSUPP
+            return self._batch_cmd(cmd, op)
         try:
             q_id, tag, result, _addr = IO_CMD.unpack_from(cmd.cmd)
         except struct.error:
@@ -282,6 +391,8 @@ class UblkDriver:
             if cmd.cmd_op != UBLK_IO_FUSED_SUBMIT_IO:
                 return -errno.EOPNOTSUPP
             return self._fused_submit(io, cmd, result)
+        if self.batch_io:  # per-tag FETCH/COMMIT_AND_FETCH do not exist in batch mode
+            return -errno.EINVAL
         if cmd.cmd_op == UBLK_IO_FETCH_REQ:
             if self._stopped:
                 return UBLK_IO_RES_ABORT
@@ -303,6 +414,72 @@ class UblkDriver:
             return EIOCBQUEUED
         # UBLK_IO_FUSED_SUBMIT_IO without the fused flag, or an unknown command.
         return -errno.EINVAL
+
+    def _batch_cmd(self, cmd: UringCmd, op: int) -> int:
+        if not self.batch_io:
+            return -errno.EINVAL
+        try:
+            q_id, _flags, nr_elem, addr = BATCH_CMD.unpack_from(cmd.cmd)
+        except struct.error:
+            return -errno.EINVAL
+        if q_id >= self.nr_queues:
+            return -errno.EINVAL
+        q = self._queues[q_id]
+        if op == UBLK_IO_FETCH_IO_CMDS:
+            if self._stopped:
+                return UBLK_IO_RES_ABORT
+            if q.fetch_cmd is not None:
+                return -errno.EBUSY
+            if q.fetched:
+                return len(q.fetched)
+            q.fetch_cmd = cmd
+            cmd.cancel_hook = self._fetch_cancel_hook
+            return EIOCBQUEUED
+        elems = q.commits.pop(addr, None)
+        if elems is None or len(elems) != 2 * nr_elem:
+            return -errno.EINVAL
+        return self._commit_many(q, elems)
+
+    def _commit_many(self, q: _Queue, elems: list[int]) -> int:
+        """COMMIT_IO_CMDS: end each ``(tag, result)``'s request once its lends are back
+        (as COMMIT_AND_FETCH, seed F37); the tag takes the next request at once."""
+        ios = q.ios
+        depth = self.queue_depth
+        bad = 0
+        stopped = self._stopped
+        backlog = q.backlog
+        for i in range(0, len(elems), 2):
+            tag = elems[i]
+            result = elems[i + 1]
+            if not 0 <= tag < depth:
+                bad += 1
+                continue
+            io = ios[tag]
+            req = io.req
+            if req is None:
+                bad += 1
+                continue
+            io.req = None
+            req.commit_result = result
+            if req.refs == 0:
+                self._end(req, result)
+            if stopped:
+                continue
+            if backlog:
+                self._start(q, tag, backlog.popleft())
+            else:
+                q.free_tags.append(tag)
+        if bad:
+            log.error("ublk.commit_bad_elements", q_id=q.q_id, bad=bad, elements=len(elems) // 2)
+            return -errno.EINVAL
+        return len(elems) // 2
+
+    def _cancel_fetch(self, cmd: UringCmd) -> None:
+        for q in self._queues:
+            if q.fetch_cmd is cmd:
+                q.fetch_cmd = None
+        if not cmd.finished:
+            cmd.done(-errno.ECANCELED)
 
     def _arm(self, q: _Queue, tag: int, io: _Io, cmd: UringCmd) -> None:
         io.cmd = cmd
@@ -334,16 +511,44 @@ class UblkDriver:
             return -errno.EINVAL
         req.refs += 1
         self.lent += 1
-        pdu = cmd.pdu
-        pdu["req"] = req
-        pdu["expected"] = expected
-        cmd.provide_buf_and_start(req.lend, self._fused_done)
+        if io.fcmd is None:  # the common case: the tag's only fused submit
+            io.fcmd = cmd
+            io.freq = req
+            io.fexpected = expected
+            callback = io.fdone
+            assert callback is not None
+        else:
+            pdu = cmd.pdu
+            pdu["req"] = req
+            pdu["expected"] = expected
+            callback = self._fused_done
+        try:
+            cmd.provide_buf_and_start(req.lend, callback)
+        except BaseException:
+            req.refs -= 1
+            self.lent -= 1
+            if io.fcmd is cmd:
+                io.fcmd = io.freq = None
+            raise
         return EIOCBQUEUED
+
+    def _fused_done_io(self, io: _Io, cmd: UringCmd) -> None:
+        if io.fcmd is not cmd:
+            self._fused_done(cmd)
+            return
+        req = io.freq
+        assert req is not None
+        expected = io.fexpected
+        io.fcmd = io.freq = None  # before done(): a record still referenced is not reused
+        self._finish_fused(cmd, req, expected)
 
     def _fused_done(self, cmd: UringCmd) -> None:
         pdu = cmd.pdu
         req: BlockRequest = pdu.pop("req")
         expected: int = pdu.pop("expected")
+        self._finish_fused(cmd, req, expected)
+
+    def _finish_fused(self, cmd: UringCmd, req: BlockRequest, expected: int) -> None:
         res = 0
         for r in cmd.secondary_results:
             if r < 0:

@@ -875,13 +875,16 @@ def export_from_spec(
     nr_queues: int = 1,
     queue_depth: int = 128,
     block_size: int = 512,
+    batch_io: bool = True,
 ) -> Export:
-    """An :class:`Export` with a fresh :class:`UblkDriver` sized for ``target``."""
+    """An :class:`Export` with a fresh :class:`UblkDriver` sized for ``target`` (with
+    batched fetch and commit, ``batch_io``, unless told otherwise)."""
     driver = UblkDriver(
         size=target.size,
         nr_queues=nr_queues,
         queue_depth=queue_depth,
         logical_block_size=block_size,
+        batch_io=batch_io,
     )
     return Export(name, driver, target, read_only=read_only)
 

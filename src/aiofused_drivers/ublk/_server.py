@@ -35,6 +35,18 @@ ends the request, so this ends; :data:`MAX_CONTINUATIONS` bounds it besides.  If
 secondary failed in the same round, the short ones are still finished first (a primary
 without the commit behind it, so its CQE comes back), then the target is asked.
 
+Batch mode (a device with ``batch_io``, the kernel's ``UBLK_F_BATCH_IO``): a request
+costs no FETCH or COMMIT record or CQE of its own.  One ``FETCH_IO_CMDS`` per queue is
+armed; its completion hands over every tag that landed since, and it is re-armed once
+they are all started.  Each request is one fused primary driven by callbacks
+(:meth:`aiofused.Ring.open_fused`: the device lends the request's own buffer, the
+READ/WRITE secondaries start from the lend, the primary is sealed), with no SQE, task
+or future; its completion queues ``(tag, result)``, and every result queued until the
+next submit goes to the device in one ``COMMIT_IO_CMDS`` (CQE_SKIP_SUCCESS).  Failures,
+short transfers (continued the same way, each round a primary of its own) and the
+FSYNC/FALLOCATE tails are handled as above; a tail is submitted once the fused command
+before it succeeded, and the commit is queued when the tail is in.
+
 ``user_data`` layout: ``dev u16 | kind u8 | index u8 | q_id u16 | tag u16``; the index
 of a secondary is its position in the submitted pieces.
 """
@@ -45,21 +57,25 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from aiofused import BufDir, Cqe, DriverFile, Ring, SqeFlag
-from aiofused.driver import get_logger
+from aiofused import BufDir, Cqe, DriverFile, Op, Ring, SqeFlag
+from aiofused.driver import UringCmd, get_logger
 
 from ._device import (
     UBLK_IO_COMMIT_AND_FETCH_REQ,
+    UBLK_IO_COMMIT_IO_CMDS,
+    UBLK_IO_FETCH_IO_CMDS,
     UBLK_IO_FETCH_REQ,
     UBLK_IO_FUSED_SUBMIT_IO,
     UBLK_IO_RES_ABORT,
     UBLK_IO_RES_OK,
     IoDesc,
     UblkDriver,
+    pack_batch_cmd,
     pack_io_cmd,
 )
 
@@ -76,6 +92,8 @@ KIND_SEC: Final = 3
 KIND_FSYNC: Final = 4
 KIND_ONESHOT: Final = 5
 KIND_FALLOC: Final = 6
+KIND_FETCH: Final = 7
+KIND_COMMIT: Final = 8
 
 _SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
 _LINK: Final = int(SqeFlag.IO_LINK)
@@ -97,6 +115,8 @@ _UD_FUSED: Final = KIND_FUSED << 40
 _UD_SEC: Final = KIND_SEC << 40
 _UD_FSYNC: Final = KIND_FSYNC << 40
 _UD_FALLOC: Final = KIND_FALLOC << 40
+_OP_READ: Final = Op.READ
+_OP_WRITE: Final = Op.WRITE
 
 
 @dataclasses.dataclass(slots=True)
@@ -117,14 +137,20 @@ class Ctx:
     __slots__ = (
         "attempt",
         "buf_dir",
+        "chain",
+        "cmd_bytes",
+        "cmd_expected",
         "failed",
         "fsync_fds",
+        "fused_cb",
         "iod",
+        "lent_cb",
         "pieces",
         "q_id",
         "result",
         "rounds",
         "scratch",
+        "sec_cbs",
         "server",
         "short",
         "tag",
@@ -158,6 +184,55 @@ class Ctx:
         #: The result the last submission commits if every member succeeds.
         self.result = 0
         self.scratch: Any = None
+        # Batch mode: the callbacks of this tag's fused primaries, made once (no closure
+        # per request), and its FUSED_SUBMIT_IO cmd bytes for the last byte count.
+        self.chain = True
+        self.cmd_expected = -1
+        self.cmd_bytes = b""
+        self.lent_cb = self._lent
+        self.fused_cb = self._fused_complete
+        self.sec_cbs: list[Callable[[int, int], None]] = [functools.partial(self._sec_done, 0)]
+
+    # ---- batch mode: the callbacks of an open fused primary -------------------------
+
+    def _lent(self, cmd: UringCmd, nbytes: int) -> None:
+        """The device lent the request's buffer: start every piece, then seal."""
+        ring = self.server.host.ring
+        op = _OP_READ if self.buf_dir == _DEST else _OP_WRITE
+        cbs = self.sec_cbs
+        try:
+            for i, p in enumerate(self.pieces):
+                if i >= len(cbs):
+                    cbs.append(functools.partial(self._sec_done, i))
+                ring.fused_secondary(
+                    cmd,
+                    op,
+                    p.fd,
+                    at=p.at,
+                    nbytes=p.nbytes,
+                    offset=p.file_offset,
+                    on_complete=cbs[i],
+                )
+        except Exception:
+            log.exception("ublk.secondary_failed", q_id=self.q_id, tag=self.tag)
+            self.failed.append((-1, -_EIO))
+        ring.seal(cmd)
+
+    def _sec_done(self, index: int, res: int, flags: int) -> None:
+        pieces = self.pieces
+        if index >= len(pieces):
+            log.error("ublk.cqe_unknown_piece", q_id=self.q_id, tag=self.tag, index=index, res=res)
+        elif res < 0:
+            self.failed.append((pieces[index].label, res))
+        elif res < pieces[index].nbytes:
+            self.short.append((index, res))
+
+    def _fused_complete(self, res: int, flags: int) -> None:
+        try:
+            self.server.fused_complete(self, res)
+        except Exception:
+            log.exception("ublk.target_failed", q_id=self.q_id, tag=self.tag)
+            self.commit(-_EIO)
 
     def fused(
         self,
@@ -191,6 +266,8 @@ class RingHost:
         self.ring = ring
         self.entries = entries
         self._servers: dict[int, UblkServer] = {}
+        #: Servers with batch commits to prepare before the next submit.
+        self._pre: list[UblkServer] = []
         self._queued = 0
         self._kick_pending = False
         self._task: asyncio.Task[None] | None = None
@@ -222,8 +299,17 @@ class RingHost:
         self._queued += 1
         return sqe
 
+    def want_flush(self, server: UblkServer) -> None:
+        """``server.prep_commits()`` runs before the next submit (which comes soon)."""
+        self._pre.append(server)
+        self.kick()
+
     def flush(self) -> None:
         """Submit everything prepared so far."""
+        if self._pre:
+            pre, self._pre = self._pre, []
+            for server in pre:
+                server.prep_commits()
         while self._queued:
             n = self.ring.submit()
             if n <= 0:
@@ -290,14 +376,26 @@ class UblkServer:
             for q in range(driver.nr_queues)
         ]
         self._armed = 0
+        #: Batch mode (module doc): per queue, the ``tag, result`` pairs to commit.
+        self.batch = driver.batch_io
+        self._commits: list[list[int]] = [[] for _ in range(driver.nr_queues)]
+        self._commit_wanted = False
+        self._fetch_cmds = [pack_batch_cmd(q) for q in range(driver.nr_queues)]
         #: Continuation rounds submitted for short transfers (for tests and metrics).
         self.continued = 0
         self._all_aborted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         host.add(self)
 
     def start(self) -> None:
-        """Arm every tag of every queue with FETCH_REQ."""
+        """Arm every tag of every queue with FETCH_REQ (batch mode: each queue with one
+        FETCH_IO_CMDS)."""
         host = self.host
+        if self.batch:
+            for q in range(self.driver.nr_queues):
+                self._prep_fetch(q)
+                self._armed += 1
+            host.flush()
+            return
         for q in range(self.driver.nr_queues):
             for tag in range(self.driver.queue_depth):
                 host.reserve(1)
@@ -317,7 +415,43 @@ class UblkServer:
                 log.warning("ublk.stop_timeout", armed=self._armed)
         self.host.remove(self)
 
+    def _prep_fetch(self, q_id: int) -> None:
+        host = self.host
+        host.reserve(1)
+        sqe = host.sqe()
+        sqe.prep_uring_cmd(self.dfile, UBLK_IO_FETCH_IO_CMDS, self._fetch_cmds[q_id])
+        sqe.user_data = _ud(self.dev_id, KIND_FETCH, 0, q_id, 0)
+
+    def prep_commits(self) -> None:
+        """Batch mode: one COMMIT_IO_CMDS per queue for every result queued so far."""
+        self._commit_wanted = False
+        host = self.host
+        driver = self.driver
+        commits = self._commits
+        for q_id, elems in enumerate(commits):
+            if not elems:
+                continue
+            commits[q_id] = []
+            addr = driver.commit_buffer(q_id, elems)
+            host.reserve(1)
+            sqe = host.sqe()
+            sqe.prep_uring_cmd(
+                self.dfile, UBLK_IO_COMMIT_IO_CMDS, pack_batch_cmd(q_id, len(elems) // 2, addr)
+            )
+            sqe.flags |= _SKIP
+            sqe.user_data = _ud(self.dev_id, KIND_COMMIT, 0, q_id, 0)
+
     # ---- CQEs -----------------------------------------------------------------------
+
+    def _handle(self, ctx: Ctx) -> None:
+        ctx.attempt = 0
+        ctx.scratch = None
+        ctx.failed.clear()
+        try:
+            self.target.handle(ctx)
+        except Exception:
+            log.exception("ublk.target_failed", q_id=ctx.q_id, tag=ctx.tag)
+            ctx.commit(-errno.EIO)
 
     def on_cqe(self, cqe: Cqe) -> None:
         ud = cqe.user_data
@@ -325,17 +459,21 @@ class UblkServer:
         q_id = (ud >> 16) & 0xFFFF
         tag = ud & 0xFFFF
         res = cqe.res
+        if kind == KIND_FETCH:
+            if res >= 0:
+                ctxs = self._ctx[q_id]
+                handle = self._handle
+                for t in self.driver.take_fetched(q_id):
+                    handle(ctxs[t])
+                self._prep_fetch(q_id)
+                return
+            kind = KIND_IO  # the fetch ended: as an aborted per-tag FETCH below
+        elif kind == KIND_COMMIT:  # only a failed one posts a CQE
+            log.error("ublk.commit_failed", q_id=q_id, res=res)
+            return
         if kind == KIND_IO:
             if res == UBLK_IO_RES_OK:
-                ctx = self._ctx[q_id][tag]
-                ctx.attempt = 0
-                ctx.scratch = None
-                ctx.failed.clear()
-                try:
-                    self.target.handle(ctx)
-                except Exception:
-                    log.exception("ublk.target_failed", q_id=q_id, tag=tag)
-                    ctx.commit(-errno.EIO)
+                self._handle(self._ctx[q_id][tag])
                 return
             self._armed -= 1
             if res not in (UBLK_IO_RES_ABORT, -errno.ECANCELED):
@@ -423,7 +561,11 @@ class UblkServer:
     ) -> None:
         """One fused command over ``pieces``; with ``chain``, the commit (or the FSYNC
         tail) linked behind it, else nothing behind it (its CQE always comes: the
-        server goes on from there)."""
+        server goes on from there).  Batch mode: an open primary instead, whose
+        completion (:meth:`fused_complete`) does what the chain would."""
+        if self.batch:
+            self._open_fused(ctx, buf_dir, pieces, fsync_fds, result, chain)
+            return
         host = self.host
         n = len(pieces)
         q_id, tag, ud = ctx.q_id, ctx.tag, ctx.ud
@@ -456,6 +598,50 @@ class UblkServer:
             ctx.fsync_fds = fsync_fds
             ctx.result = result
             host.kick()
+
+    def _open_fused(
+        self,
+        ctx: Ctx,
+        buf_dir: int,
+        pieces: Sequence[Piece],
+        fsync_fds: Sequence[int],
+        result: int,
+        chain: bool,
+    ) -> None:
+        expected = pieces[0].nbytes if len(pieces) == 1 else sum(p.nbytes for p in pieces)
+        if expected != ctx.cmd_expected:
+            ctx.cmd_expected = expected
+            ctx.cmd_bytes = pack_io_cmd(ctx.q_id, ctx.tag, expected)
+        ctx.pieces = pieces
+        ctx.buf_dir = buf_dir
+        ctx.short.clear()
+        ctx.fsync_fds = fsync_fds
+        ctx.result = result
+        ctx.chain = chain
+        self.host.ring.open_fused(
+            self.dfile,
+            UBLK_IO_FUSED_SUBMIT_IO,
+            cmd=ctx.cmd_bytes,
+            buf_dir=BufDir.DEST if buf_dir == _DEST else BufDir.SRC,
+            on_lent=ctx.lent_cb,
+            on_complete=ctx.fused_cb,
+        )
+
+    def fused_complete(self, ctx: Ctx, res: int) -> None:
+        """Batch mode: a fused primary of ``ctx`` completed (after its secondaries)."""
+        if ctx.short:
+            self._continue(ctx)
+            return
+        if res >= 0 and ctx.chain and not ctx.failed:
+            if ctx.fsync_fds:
+                self.host.reserve(len(ctx.fsync_fds))
+                self._prep_tail(ctx, 0, (), ctx.fsync_fds, IORING_FSYNC_DATASYNC)
+            else:
+                self.submit_commit(ctx, ctx.result)
+            return
+        if res >= 0:
+            res = ctx.failed[0][1] if ctx.failed else -_EIO
+        self._ask_target(ctx, self.target.fused_failed, res)
 
     def _continue(self, ctx: Ctx) -> None:
         """Submit the rest of the short pieces of the last fused command (module doc)."""
@@ -539,6 +725,15 @@ class UblkServer:
         host.kick()
 
     def submit_commit(self, ctx: Ctx, result: int) -> None:
+        if self.batch:
+            ctx.result = result
+            elems = self._commits[ctx.q_id]
+            elems.append(ctx.tag)
+            elems.append(result)
+            if not self._commit_wanted:
+                self._commit_wanted = True
+                self.host.want_flush(self)
+            return
         self.host.reserve(1)
         self._prep_commit(ctx, result)
 
