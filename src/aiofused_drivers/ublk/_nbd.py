@@ -110,9 +110,9 @@ class Export:
         self.read_only = read_only or target.read_only
         self.description = description or target.describe()
         self.stats = ExportStats()
-        flags = (
-            P.TxFlag.HAS_FLAGS | P.TxFlag.SEND_FLUSH | P.TxFlag.SEND_FUA | P.TxFlag.CAN_MULTI_CONN
-        )
+        flags = P.TxFlag.HAS_FLAGS | P.TxFlag.SEND_FLUSH | P.TxFlag.SEND_FUA
+        if target.multi_conn:  # see Target.multi_conn: which targets keep its promise
+            flags |= P.TxFlag.CAN_MULTI_CONN
         if self.read_only:
             flags |= P.TxFlag.READ_ONLY
         else:

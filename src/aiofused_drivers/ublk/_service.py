@@ -36,9 +36,23 @@ class ExportSpec:
     read_only: bool = False
 
 
+#: The word in an export's ARGS that makes it read-only (``disk=loop:disk.img,ro``).
+READ_ONLY_WORD = "ro"
+
+
 def parse_export(text: str, read_only: bool = False) -> ExportSpec:
-    """Parse ``NAME=KIND:ARGS`` (``NAME`` may be empty: the default export)."""
+    """Parse ``NAME=KIND:ARGS`` (``NAME`` may be empty: the default export); ``ro``
+    among the comma-separated ARGS makes that export read-only (``read_only``: all)."""
     name, sep, target = text.partition("=")
+    kind, colon, args = target.partition(":")
+    if "," in kind:  # ``null,ro``: a target without ARGS, then flags
+        kind, _, args = kind.partition(",")
+        colon = ":"
+    words = args.split(",") if colon else []
+    if READ_ONLY_WORD in words:
+        read_only = True
+        words = [w for w in words if w != READ_ONLY_WORD]
+        target = f"{kind}:{','.join(words)}" if any(words) or kind != "null" else kind
     if not sep or (":" not in target and target not in ("null",)):
         raise ValueError(f"export {text!r}: expected NAME=TARGET:ARGS")
     return ExportSpec(name, target, read_only)

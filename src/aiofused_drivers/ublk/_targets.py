@@ -143,6 +143,19 @@ class Target:
     multi_process: ClassVar[bool] = True
     #: Told (:meth:`request_ended`) when each request it handled ended.
     wants_end: ClassVar[bool] = False
+    #: NBD_FLAG_CAN_MULTI_CONN is advertised: a write completed on one connection is
+    #: seen by a read started afterwards on any other, and a FLUSH on any connection
+    #: makes every write completed before it durable, whoever sent it.  Every target
+    #: here keeps that: all connections of a process share one target object (one
+    #: view of the replicas, one mapping cache), a FLUSH syncs every backing file of
+    #: the target, and the workers of ``--workers N`` share the page cache of those
+    #: files and (linear) coordinate through the mapping database.  The mirror keeps
+    #: it mid-resync too: a replica being resynced is written but never read until it
+    #: holds everything, a region left dirty by a crash is read from one replica until
+    #: copied, and a region being copied holds back the writes to it.  A target that
+    #: serves reads from per-connection or per-process state that other writers do
+    #: not update must set this to False.
+    multi_conn: ClassVar[bool] = True
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -30,6 +30,7 @@ from aiofused.driver import (
     host_port_arg,
     int_arg,
     log_level_arg,
+    parse_host_port,
     parse_size,
     size_arg,
 )
@@ -45,6 +46,28 @@ log = get_logger(__name__)
 
 _SINGLE_PROCESS = {"mirror": MirrorTarget, "linear": LinearTarget}
 
+#: The IANA port of NBD, what nbdkit and qemu-nbd listen on when given no port.
+NBD_PORT = 10809
+
+
+def listen_arg(text: str) -> tuple[str, int]:
+    """An argparse ``type=`` for ``--listen``: ``HOST:PORT``, or ``HOST`` alone (also
+    ``[::1]`` or a bare IPv6 address) for the NBD port, 10809."""
+    text = str(text)
+    bare = text.startswith("[") and text.endswith("]")
+    if bare or ":" not in text or (text.count(":") > 1 and not text.startswith("[")):
+        host = text[1:-1] if bare else text
+        if not host or any(c in host for c in "[]/ "):
+            raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST[:PORT]")
+        return host, NBD_PORT
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("HOST:PORT", "HOST[:PORT]")) from None
+
+
+listen_arg.__name__ = "address"
+
 EPILOG = """\
 targets:
   null:SIZE | null:size=SIZE            zeroes in, writes discarded
@@ -57,9 +80,14 @@ targets:
   linear:DB,pv=FILE[,pv=FILE...][,size=SIZE][,extent=SIZE]
                                         extents mapped in an SQLite table (created
                                         on first use, read back afterwards)
-example:
+  ,ro after any of them                 that export is read-only: NBD_FLAG_READ_ONLY,
+                                        writes, trims and zeroes answered EPERM
+                                        (a file named ro: ./ro)
+examples:
   aiofused nbd serve --export disk=loop:disk.img --socket /tmp/nbd.sock
   nbdinfo 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+  aiofused nbd serve -e disk=loop:disk.img -e golden=loop:base.img,ro --listen 0.0.0.0
+  nbdinfo nbd://localhost/golden                # port 10809, read-only
 """
 
 
@@ -75,15 +103,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "-e",
         action="append",
         required=True,
-        metavar="NAME=TARGET:ARGS",
-        help="an export (repeat for several; the first is the default export)",
+        metavar="NAME=TARGET:ARGS[,ro]",
+        help="an export (repeat for several; the first is the default export); "
+        "ro among ARGS makes it read-only",
     )
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", "-U", metavar="PATH", help="listen on a unix socket")
     where.add_argument(
-        "--listen", "-l", metavar="HOST:PORT", type=host_port_arg, help="listen on TCP"
+        "--listen",
+        "-l",
+        metavar="HOST[:PORT]",
+        type=listen_arg,
+        help=f"listen on TCP (port {NBD_PORT} if none is given; HOST:0 picks a free one)",
     )
-    serve.add_argument("--read-only", "-r", action="store_true", help="all exports read-only")
+    serve.add_argument(
+        "--read-only",
+        "-r",
+        action="store_true",
+        help="all exports read-only (one export: NAME=TARGET:ARGS,ro)",
+    )
     serve.add_argument("--workers", "-w", type=int_arg(1), default=1, help="worker processes")
     serve.add_argument(
         "--backend", default="auto", choices=("auto", "uring", "asyncio"), help="ring backend"
