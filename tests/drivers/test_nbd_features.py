@@ -281,11 +281,11 @@ def _connected(srv: Cli, export: str) -> list[dict[str, Any]]:
 
 @_skip("nbdcopy", "cmp")
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["loop"])
+@pytest.mark.parametrize("kind", ["loop", "linear"])
 async def test_nbdcopy_opens_several_connections_over_two_workers(kind: str) -> None:
     """CAN_MULTI_CONN: nbdcopy ``-C 4 -T 4`` opens four connections (one only
     without the flag), spread over two worker processes; what one worker wrote is
-    read back whole through the others."""
+    read back whole through the others (a linear export's mapping shared in SQLite)."""
     with short_tmpdir() as d:
         src = _file(d, "src.img", 32 * MiB, os.urandom(32 * MiB))
         out, sock = os.path.join(d, "out.img"), os.path.join(d, "s.sock")

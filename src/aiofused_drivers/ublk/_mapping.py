@@ -5,6 +5,16 @@ table in SQLite, so the mapping survives restarts.  An allocation is committed t
 store before the data write that needs it is issued, and only after the ``prepare``
 callback made the physical extent ready (the linear target zeroes it durably: a new
 extent's unwritten bytes read as zeroes, never as what the PV held before).
+
+Several processes (``nbd serve --workers N``) may share one SQLite store: an
+allocation is one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock, waited for up
+to :data:`BUSY_TIMEOUT` seconds) that looks the extent up again (another worker may
+have mapped it meanwhile: that mapping is returned), takes a physical extent the
+table does not use (the free list in memory is only a hint: others allocate too, and
+nothing is ever unmapped), prepares it and records it.  A mapping, once recorded,
+never changes, so workers may cache it forever; "unmapped" may be cached only until
+another connection commits, which :meth:`SqliteMappingStore.changed` tells
+(``PRAGMA data_version``).
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from typing import Protocol
 __all__ = ["MappingStore", "SqliteMappingStore"]
 
 DEFAULT_EXTENT = 4 << 20
+#: Seconds to wait for another process's write transaction (an allocation).
+BUSY_TIMEOUT = 30.0
 
 
 class MappingStore(Protocol):
@@ -37,6 +49,11 @@ class MappingStore(Protocol):
         ``prepare(pv, pe)`` runs first; if it raises, nothing is recorded."""
         ...
 
+    def changed(self) -> bool:
+        """Whether another process may have mapped extents since the last call (so
+        cached "unmapped" answers must be looked up again)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -52,7 +69,9 @@ class SqliteMappingStore:
     ) -> None:
         self.path = path
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
             self._open(pv_paths, size, extent_size)
         except sqlite3.Error as e:
             self._db_close()
@@ -89,16 +108,24 @@ class SqliteMappingStore:
             total = sum(n for _, n in pvs) * ext
             vsize = total if size is None else size
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT INTO config VALUES (?, ?)",
-                [("size", str(vsize)), ("extent_size", str(ext))],
-            )
-            db.executemany(
-                "INSERT INTO pvs (id, path, extents) VALUES (?, ?, ?)",
-                [(i, p, n) for i, (p, n) in enumerate(pvs)],
-            )
-            db.execute("COMMIT")
-            cfg = {"size": str(vsize), "extent_size": str(ext)}
+            try:
+                # Another worker may have created it since the look above.
+                cfg = dict(db.execute("SELECT key, value FROM config").fetchall())
+                if not cfg:
+                    db.executemany(
+                        "INSERT INTO config VALUES (?, ?)",
+                        [("size", str(vsize)), ("extent_size", str(ext))],
+                    )
+                    db.executemany(
+                        "INSERT INTO pvs (id, path, extents) VALUES (?, ?, ?)",
+                        [(i, p, n) for i, (p, n) in enumerate(pvs)],
+                    )
+                    cfg = {"size": str(vsize), "extent_size": str(ext)}
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
         self.size = int(cfg["size"])
         self.extent_size = int(cfg["extent_size"])
         rows = db.execute("SELECT id, path, extents FROM pvs ORDER BY id").fetchall()
@@ -110,6 +137,18 @@ class SqliteMappingStore:
         self._free = [
             sorted(set(range(n)) - used[i], reverse=True) for i, n in enumerate(self._pv_extents)
         ]
+        self._data_version = self._version()
+
+    def _version(self) -> int:
+        (v,) = self._db.execute("PRAGMA data_version").fetchone()
+        return int(v)
+
+    def changed(self) -> bool:
+        v = self._version()
+        if v == self._data_version:
+            return False
+        self._data_version = v
+        return True
 
     def lookup(self, le: int) -> tuple[int, int] | None:
         row = self._db.execute("SELECT pv, pe FROM extents WHERE le = ?", (le,)).fetchone()
@@ -121,12 +160,36 @@ class SqliteMappingStore:
         existing = self.lookup(le)
         if existing is not None:
             return existing
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # the write lock: one allocation at a time
+        try:
+            got = self._allocate_locked(le, prepare)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return got
+
+    def _allocate_locked(
+        self, le: int, prepare: Callable[[int, int], None] | None
+    ) -> tuple[int, int]:
+        existing = self.lookup(le)  # mapped by another worker meanwhile
+        if existing is not None:
+            return existing
+        db = self._db
         for pv, free in enumerate(self._free):
-            if free:
+            while free:
                 pe = free[-1]
+                used = db.execute(
+                    "SELECT 1 FROM extents WHERE pv = ? AND pe = ?", (pv, pe)
+                ).fetchone()
+                if used is not None:  # taken by another worker
+                    free.pop()
+                    continue
                 if prepare is not None:
                     prepare(pv, pe)
-                self._db.execute("INSERT INTO extents (le, pv, pe) VALUES (?, ?, ?)", (le, pv, pe))
+                db.execute("INSERT INTO extents (le, pv, pe) VALUES (?, ?, ?)", (le, pv, pe))
                 free.pop()
                 return pv, pe
         raise OSError(28, "no free physical extent")

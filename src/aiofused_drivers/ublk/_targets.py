@@ -787,7 +787,6 @@ class LinearTarget(Target):
     """Logical extents -> (physical volume file, offset) through a mapping store."""
 
     kind = "linear"
-    multi_process = False
     MIN_EXTENT = 1 << 20
 
     def __init__(self, store: MappingStore) -> None:
@@ -804,11 +803,18 @@ class LinearTarget(Target):
 
     def lookup(self, le: int) -> tuple[int, int] | None:
         try:
-            return self._cache[le]
+            m = self._cache[le]
         except KeyError:
-            m = self.store.lookup(le)
-            self._cache[le] = m
-            return m
+            pass
+        else:
+            # A mapping never changes; "unmapped" holds until another worker (or
+            # process) sharing the store commits: then forget every cached "unmapped".
+            if m is not None or not self.store.changed():
+                return m
+            self._cache = {k: v for k, v in self._cache.items() if v is not None}
+        m = self.store.lookup(le)
+        self._cache[le] = m
+        return m
 
     def _allocate(self, le: int) -> tuple[int, int]:
         m = self.store.allocate(le, self._zero_extent)
