@@ -281,7 +281,7 @@ class RingCore(FusedCommands):
                         if self._stop_on_error():
                             break  # SPEC R4
                     else:
-                        if req.offset and req.opcode == _OP_TIMEOUT and self._cqe_seq != seq0:
+                        if req.opcode == _OP_TIMEOUT and req.offset and self._cqe_seq != seq0:
                             self._count_earlier(req, seq0)
                         self._start(req, self._count(req), bool(req.flags & _F_DRAIN))
                     continue
@@ -571,12 +571,12 @@ class RingCore(FusedCommands):
         self.live += count
         if drain:
             self._barrier = True
-        if later or drain:
+        if later or drain or head.flags & _F_ASYNC:
             head.flags |= _F_ASYNC  # the kernel runs drained and deferred units in io-wq
-        if self._submitting and head.flags & _F_ASYNC:
-            self._later.append(head)  # io-wq or task work: after the whole submission
-        else:
-            self.issue(head)
+            if self._submitting:
+                self._later.append(head)  # after the whole submission
+                return
+        self.issue(head)
 
     def _release_deferred(self) -> None:
         deferred = self._deferred
@@ -915,9 +915,9 @@ class RingCore(FusedCommands):
             req.timer = None
             self.port.disarm_timer(timer)
         skip = req.flags & _F_SKIP
-        # < 0, or short where that fails (SPEC L2); never started: failed whatever res
-        # says; an op whose result never fails it has want = NEVER_FAILS (SPEC L4).
-        failed = res < req.want or inp is _FAIL
+        # < 0, or short where that fails (SPEC L2); an op whose result never fails it has
+        # want = NEVER_FAILS (SPEC L4), reset by fail_one: what never started failed.
+        failed = res < req.want
         if not drop_cqe and (not skip or failed):
             on_cqe = req.on_cqe
             if on_cqe is not None:
@@ -968,6 +968,8 @@ class RingCore(FusedCommands):
         if m.command:
             self.fail_unissued_command(m, res, drop_cqes=drop_cqe)
         else:
+            if m.want < 0:
+                m.want = 0  # never started: a failure whatever the op (res < 0 here)
             self.finish(m, res, _FAIL, drop_cqe=drop_cqe)
 
     def release_view(self, view: memoryview) -> bool:
