@@ -502,11 +502,16 @@ def drained_units(batch: Batch) -> list[int]:
     unit after one whose IO_DRAIN is on a member after its head (``drain_next``)."""
     out = []
     drain_next = False
+    skip_seen = False  # after a CQE_SKIP_SUCCESS, IO_DRAIN is an init error (SPEC R3)
     for k, unit in enumerate(units(batch)):
-        flags = [batch.sqes[i].flags for i in unit]
-        if drain_next or any(f & DRAIN for f in flags):
+        flags = []
+        for i in unit:
+            f = batch.sqes[i].flags
+            skip_seen = skip_seen or bool(f & SKIP)
+            flags.append(f & DRAIN if not skip_seen else 0)
+        if drain_next or any(flags):
             out.append(k)
-        drain_next = any(f & DRAIN for f in flags[1:])
+        drain_next = any(flags[1:])
     return out
 
 
