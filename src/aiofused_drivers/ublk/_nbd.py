@@ -40,6 +40,7 @@ import errno
 import itertools
 import os
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -79,6 +80,14 @@ _WRITE: Final = int(P.Cmd.WRITE)
 _IO_READ: Final = int(IoOp.READ)
 _IO_WRITE: Final = int(IoOp.WRITE)
 _STAT_KEYS: Final = {int(c): f"cmd{int(c)}" for c in P.Cmd}
+#: A successful simple reply: ``_simple_ok(_SIMPLE_MAGIC, 0, cookie)`` (P.simple_reply).
+_simple_ok: Final = struct.Struct(">IIQ").pack
+_SIMPLE_MAGIC: Final = P.SIMPLE_REPLY_MAGIC
+#: The header of a one-chunk structured READ reply (P.read_reply_header).
+_read_chunk: Final = struct.Struct(">IHHQIQ").pack
+_CHUNK_MAGIC: Final = P.STRUCTURED_REPLY_MAGIC
+_CHUNK_DONE: Final = int(P.REPLY_FLAG_DONE)
+_CHUNK_DATA: Final = int(P.ChunkType.OFFSET_DATA)
 
 
 class ExportStats:
@@ -769,7 +778,22 @@ class Connection:
             return
         is_read = req.op == _IO_READ
         xstats = self._xstats
-        if res < 0 or (is_read and res != req.length):
+        if is_read and res == req.length and res > 0:  # the common case, inline
+            xstats.read_bytes += res
+            if self._structured:  # P.read_reply_header, in one pack
+                hdr = _read_chunk(
+                    _CHUNK_MAGIC, _CHUNK_DONE, _CHUNK_DATA, cookie, 8 + res, req.offset
+                )
+            else:
+                hdr = _simple_ok(_SIMPLE_MAGIC, 0, cookie)
+            self.held += len(hdr)
+            out = self._out
+            out.append((hdr, None))
+            out.append((rb.view, rb))
+            if not self._flush_scheduled and not self._writing:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        elif res < 0 or is_read:
             xstats.errors += 1
             err = P.nbd_error(res if res < 0 else -errno.EIO)
             if rb is not None:
@@ -778,22 +802,14 @@ class Connection:
                 self._queue_out(P.structured_error_reply(cookie, err), None)
             else:
                 self._queue_out(P.simple_reply(cookie, err), None)
-        elif is_read:
-            xstats.read_bytes += req.length
-            if self._structured:
-                hdr = P.read_reply_header(cookie, req.offset, req.length)
-            else:
-                hdr = P.simple_reply(cookie)
-            self.held += len(hdr)
-            self._out.append((hdr, None))
-            self._queue_out(rb.view, rb)
         else:
             if req.op == _IO_WRITE:
                 xstats.write_bytes += req.length
             if rb is not None:
                 self._release(rb)
-            self._queue_out(P.simple_reply(cookie), None)
-        self.maybe_resume()
+            self._queue_out(_simple_ok(_SIMPLE_MAGIC, 0, cookie), None)
+        if self._paused:
+            self.maybe_resume()
 
     def _resume(self) -> None:
         self._resume_scheduled = False
@@ -830,7 +846,7 @@ class Connection:
         out = self._out
         while out:
             iov = [item[0] for item in itertools.islice(out, _IOV_MAX)]
-            want = sum(len(d) for d in iov)
+            want = sum(map(len, iov))
             try:
                 sent = self.sock.sendmsg(iov)
             except (BlockingIOError, InterruptedError):

@@ -115,6 +115,8 @@ _UD_FUSED: Final = KIND_FUSED << 40
 _UD_SEC: Final = KIND_SEC << 40
 _UD_FSYNC: Final = KIND_FSYNC << 40
 _UD_FALLOC: Final = KIND_FALLOC << 40
+_BUF_DEST: Final = BufDir.DEST
+_BUF_SRC: Final = BufDir.SRC
 _OP_READ: Final = Op.READ
 _OP_WRITE: Final = Op.WRITE
 
@@ -197,7 +199,7 @@ class Ctx:
 
     def _lent(self, cmd: UringCmd, nbytes: int) -> None:
         """The device lent the request's buffer: start every piece, then seal."""
-        ring = self.server.host.ring
+        ring = self.server.ring
         op = _OP_READ if self.buf_dir == _DEST else _OP_WRITE
         cbs = self.sec_cbs
         try:
@@ -228,8 +230,19 @@ class Ctx:
             self.short.append((index, res))
 
     def _fused_complete(self, res: int, flags: int) -> None:
+        server = self.server
+        if res >= 0 and self.chain and not self.short and not self.failed and not self.fsync_fds:
+            # The common case, inline: queue the commit (as server.submit_commit).
+            result = self.result
+            elems = server.commits[self.q_id]
+            elems.append(self.tag)
+            elems.append(result)
+            if not server.commit_wanted:
+                server.commit_wanted = True
+                server.host.want_flush(server)
+            return
         try:
-            self.server.fused_complete(self, res)
+            server.fused_complete(self, res)
         except Exception:
             log.exception("ublk.target_failed", q_id=self.q_id, tag=self.tag)
             self.commit(-_EIO)
@@ -242,7 +255,15 @@ class Ctx:
         result: int | None = None,
     ) -> None:
         """Submit one fused command over ``pieces`` then commit (see module doc)."""
-        self.server.submit_fused(self, buf_dir, pieces, fsync_fds, result)
+        server = self.server
+        if server.batch:
+            self.failed.clear()
+            self.rounds = 0
+            server.open_fused(
+                self, buf_dir, pieces, fsync_fds, self.iod.nr_bytes if result is None else result
+            )
+            return
+        server.submit_fused(self, buf_dir, pieces, fsync_fds, result)
 
     def fallocate_then_commit(
         self, mode: int, pieces: Sequence[Piece], fsync_fds: Sequence[int] = ()
@@ -368,6 +389,7 @@ class UblkServer:
         self.driver = driver
         self.target = target
         self.dev_id = dev_id
+        self.ring = host.ring
         self.dfile: DriverFile = host.ring.register_driver(driver)
         if target.wants_end:
             driver.end_hook = target.request_ended
@@ -378,8 +400,8 @@ class UblkServer:
         self._armed = 0
         #: Batch mode (module doc): per queue, the ``tag, result`` pairs to commit.
         self.batch = driver.batch_io
-        self._commits: list[list[int]] = [[] for _ in range(driver.nr_queues)]
-        self._commit_wanted = False
+        self.commits: list[list[int]] = [[] for _ in range(driver.nr_queues)]
+        self.commit_wanted = False
         self._fetch_cmds = [pack_batch_cmd(q) for q in range(driver.nr_queues)]
         #: Continuation rounds submitted for short transfers (for tests and metrics).
         self.continued = 0
@@ -424,10 +446,10 @@ class UblkServer:
 
     def prep_commits(self) -> None:
         """Batch mode: one COMMIT_IO_CMDS per queue for every result queued so far."""
-        self._commit_wanted = False
+        self.commit_wanted = False
         host = self.host
         driver = self.driver
-        commits = self._commits
+        commits = self.commits
         for q_id, elems in enumerate(commits):
             if not elems:
                 continue
@@ -564,7 +586,7 @@ class UblkServer:
         server goes on from there).  Batch mode: an open primary instead, whose
         completion (:meth:`fused_complete`) does what the chain would."""
         if self.batch:
-            self._open_fused(ctx, buf_dir, pieces, fsync_fds, result, chain)
+            self.open_fused(ctx, buf_dir, pieces, fsync_fds, result, chain)
             return
         host = self.host
         n = len(pieces)
@@ -599,15 +621,18 @@ class UblkServer:
             ctx.result = result
             host.kick()
 
-    def _open_fused(
+    def open_fused(
         self,
         ctx: Ctx,
         buf_dir: int,
         pieces: Sequence[Piece],
         fsync_fds: Sequence[int],
         result: int,
-        chain: bool,
+        chain: bool = True,
     ) -> None:
+        """Batch mode: one fused primary over ``pieces``, driven by ``ctx``'s callbacks;
+        its completion commits ``result`` (after an FSYNC of ``fsync_fds``) or goes to
+        :meth:`fused_complete`."""
         expected = pieces[0].nbytes if len(pieces) == 1 else sum(p.nbytes for p in pieces)
         if expected != ctx.cmd_expected:
             ctx.cmd_expected = expected
@@ -618,11 +643,11 @@ class UblkServer:
         ctx.fsync_fds = fsync_fds
         ctx.result = result
         ctx.chain = chain
-        self.host.ring.open_fused(
+        self.ring.open_fused(
             self.dfile,
             UBLK_IO_FUSED_SUBMIT_IO,
             cmd=ctx.cmd_bytes,
-            buf_dir=BufDir.DEST if buf_dir == _DEST else BufDir.SRC,
+            buf_dir=_BUF_DEST if buf_dir == _DEST else _BUF_SRC,
             on_lent=ctx.lent_cb,
             on_complete=ctx.fused_cb,
         )
@@ -727,11 +752,11 @@ class UblkServer:
     def submit_commit(self, ctx: Ctx, result: int) -> None:
         if self.batch:
             ctx.result = result
-            elems = self._commits[ctx.q_id]
+            elems = self.commits[ctx.q_id]
             elems.append(ctx.tag)
             elems.append(result)
-            if not self._commit_wanted:
-                self._commit_wanted = True
+            if not self.commit_wanted:
+                self.commit_wanted = True
                 self.host.want_flush(self)
             return
         self.host.reserve(1)
