@@ -19,6 +19,7 @@ from aiofused._abi import (
     ENOENT,
     EOPNOTSUPP,
     ETIME,
+    IO_FAILED,
     IORING_ASYNC_CANCEL_ALL,
     IORING_NOP_FILE,
     IORING_NOP_FIXED_BUFFER,
@@ -521,4 +522,17 @@ def test_c5_a_counting_timeout_heading_a_chain_counts_earlier_cqes() -> None:
     sqe(core, 3, "nop")
     core.submit()
     assert port.pairs() == [(1, 0), (2, 0), (3, 0)]
+    port.assert_quiet()
+
+
+# ---- class 10: a whole result the kernel still fails -------------------------------------
+
+
+def test_c10_a_backend_marks_a_truncated_waitall_record_failed() -> None:
+    core, port = make_core()
+    sqe(core, 1, "recv", 5, bytearray(16), 16, WAITALL, flags=LINK | SKIP)
+    sqe(core, 2, "nop")
+    core.submit()
+    port.complete(1, 16, IO_FAILED)  # what the backends report for MSG_TRUNC
+    assert port.pairs() == [(1, 16)]  # shown despite SKIP, the NOP hidden with the rest
     port.assert_quiet()

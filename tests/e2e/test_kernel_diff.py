@@ -197,6 +197,12 @@ TARGETED: dict[str, Batch] = {
         SqeSpec(2, TIMEOUT, LINK, off=1, len=1, addr="t2000000"),
         SqeSpec(3, TIMEOUT, len=1, addr="t4000000"),
     ),
+    "c10 MSG_WAITALL truncating a SEQPACKET record": _b(
+        SqeSpec(1, RECV, SKIP | LINK, fd=f"r{R_SEQ}.0", len=16, rw=0x100, addr="b16"),
+        SqeSpec(2, NOP),
+        SqeSpec(3, RECV, fd=f"r{R_SEQ}.0", len=128, rw=0x100, addr="b128"),
+        SqeSpec(4, RECV, SKIP, fd=f"r{R_SEQ}.0", len=64, rw=0x100, addr="b64"),
+    ),
     "drain after a failed-init unit": _b(
         _rd(1), SqeSpec(2, TIMEOUT, DRAIN | HARDLINK, len=1, addr="t2000000"), SqeSpec(3, 255)
     ),

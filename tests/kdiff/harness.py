@@ -21,9 +21,8 @@ issue 12 numbers the classes):
   racing its target (the short one only guards ops that block for good), file offsets of
   -1 (the shared file position), writes that extend the file;
 * ``count`` (a counting TIMEOUT in chains behind io-wq ops counts what the worker's
-  timing lets it see, class 5), ``waitall_short``
-  (class 10), ``null_buf`` (a NULL buffer the kernel never touches, class 16): opt-in
-  while they are open or artefacts (see ``benchmarks/kdiff.py``).
+  timing lets it see, class 5), ``null_buf`` (a NULL buffer the kernel never touches,
+  class 16): opt-in while they are open or artefacts (see ``benchmarks/kdiff.py``).
 
 Every op that could block forever (a read of an empty pipe, eventfd or socket, a long
 TIMEOUT) is a "blocker": it is always followed by a short LINK_TIMEOUT, so a batch ends.
@@ -110,7 +109,7 @@ FEATURES = frozenset(
         "lt_after_lt",
     }
 )
-OPEN_FEATURES = frozenset({"count", "waitall_short", "null_buf"})
+OPEN_FEATURES = frozenset({"count", "null_buf"})
 DEFAULT_FEATURES = FEATURES - OPEN_FEATURES
 
 

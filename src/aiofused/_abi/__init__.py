@@ -170,6 +170,11 @@ class IssueFlag(enum.IntFlag):
 
 #: ``MSG_WAITALL`` (Linux): a SEND/RECV with it fails a link when short (``min_ret``).
 MSG_WAITALL: Final = 0x100
+#: ``MSG_TRUNC`` (Linux): a datagram/seqpacket recv returns the record's whole length.
+MSG_TRUNC: Final = 0x20
+#: Not a CQE flag: a backend's mark on a completion that the kernel fails although its
+#: res is whole (a MSG_WAITALL RECV that truncated a record); the core clears it.
+IO_FAILED: Final = 1 << 31
 
 
 class BufDir(enum.IntEnum):

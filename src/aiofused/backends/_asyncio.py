@@ -42,7 +42,15 @@ import termios
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from aiofused._abi import EALREADY, ECANCELED, ENOENT, IORING_FSYNC_DATASYNC, CqeFlag, Op
+from aiofused._abi import (
+    EALREADY,
+    ECANCELED,
+    ENOENT,
+    IO_FAILED,
+    IORING_FSYNC_DATASYNC,
+    CqeFlag,
+    Op,
+)
 from aiofused._core.opdef import OPDEFS
 from aiofused._log import get_logger
 from aiofused.backends._base import Backend, BackendOp, Completion, IoOp, ProbeResult
@@ -51,6 +59,7 @@ __all__ = ["BACKEND", "AsyncioBackend"]
 
 _MSG_WAITALL = socket.MSG_WAITALL
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
+_MSG_TRUNC = socket.MSG_TRUNC
 _SOCK_OPS = frozenset({Op.SEND, Op.RECV, Op.SEND_ZC})
 _SOCK_NONEMPTY = int(CqeFlag.SOCK_NONEMPTY)
 # 0 where the platform has no RWF_NOWAIT: every file op then goes to the pool.
@@ -277,6 +286,14 @@ class AsyncioBackend(Backend):
                 flags = (io.rw_flags & ~_MSG_WAITALL) | _MSG_DONTWAIT
                 if h.write:
                     n = sock.send(view, flags)
+                elif io.rw_flags & _MSG_WAITALL and _is_record_socket(sock):
+                    # MSG_TRUNC tells a truncated record, which io_uring fails (its
+                    # MSG_WAITALL and MSG_TRUNC check): report it so (issue 12, class 10).
+                    left = want - h.done
+                    n = sock.recv_into(view, left, flags | _MSG_TRUNC)
+                    if n > left and not io.rw_flags & _MSG_TRUNC:
+                        n = left
+                        h.cflags |= IO_FAILED
                 else:
                     n = sock.recv_into(view, want - h.done, flags)
             elif h.polled:
@@ -315,7 +332,7 @@ class AsyncioBackend(Backend):
                 self._park(h)
             return False
         if sock is not None and not h.write and n and h.done == want:
-            h.cflags = _sock_nonempty(sock)
+            h.cflags |= _sock_nonempty(sock)
         self._finish(h, h.done)
         return True
 
@@ -452,6 +469,11 @@ def _rw_flags_error(flags: int, regular: bool) -> int:
     if not regular and flags & _RWF_FILE_ONLY:
         return -errno.EOPNOTSUPP
     return 0
+
+
+def _is_record_socket(sock: socket.socket) -> bool:
+    """A datagram or seqpacket socket (where MSG_TRUNC reports a record's length)."""
+    return sock.type in (socket.SOCK_SEQPACKET, socket.SOCK_DGRAM)
 
 
 def _sock_nonempty(sock: socket.socket) -> int:

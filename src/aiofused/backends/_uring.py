@@ -59,12 +59,13 @@ import ctypes
 import errno
 import os
 import select
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from aiofused._abi import CqeFlag, Op
+from aiofused._abi import IO_FAILED, MSG_TRUNC, MSG_WAITALL, CqeFlag, Op
 from aiofused._abi import uring as abi
 from aiofused._core.opdef import DIRECT_OPS, OPDEFS, UringEnc
 from aiofused._errors import BackendUnavailable
@@ -131,6 +132,28 @@ _EINVAL: Final = -errno.EINVAL
 _EOPNOTSUPP: Final = -errno.EOPNOTSUPP
 _F_MORE: Final = int(CqeFlag.MORE)
 _F_SOCK_NONEMPTY: Final = int(CqeFlag.SOCK_NONEMPTY)
+#: What a plain op's completion passes on: SOCK_NONEMPTY, and our failure mark.
+_F_CQE_KEEP: Final = _F_SOCK_NONEMPTY | IO_FAILED
+_IO_FAILED: Final = IO_FAILED
+_MSG_WAITALL: Final = MSG_WAITALL
+
+
+def _recv_trunc(op: IoOp) -> int:
+    """``msg_flags`` of a MSG_WAITALL op: a RECV on a datagram or seqpacket socket
+    object gets MSG_TRUNC too, so that its CQE tells a truncated record (never on a
+    stream socket, where MSG_TRUNC would drop data; an int fd is left as it is)."""
+    rw = op.rw_flags & _U32
+    sock = op.file
+    if (
+        op.opcode == Op.RECV
+        and not rw & MSG_TRUNC
+        and isinstance(sock, socket.socket)
+        and sock.type in (socket.SOCK_SEQPACKET, socket.SOCK_DGRAM)
+    ):
+        return rw | MSG_TRUNC
+    return rw
+
+
 _F_NOTIF: Final = int(CqeFlag.NOTIF)
 
 # Record states.
@@ -518,7 +541,7 @@ class UringBackend(Backend):
             op.offset & _U64 if flags & _I_OFFSET else 0,
             _addressof(pin),
             nbytes,
-            op.rw_flags & _U32,
+            _recv_trunc(op) if op.rw_flags & _MSG_WAITALL else op.rw_flags & _U32,
             ud,
             op.buf_index & 0xFFFF if flags & _I_FIXED else 0,
             0,
@@ -655,7 +678,7 @@ class UringBackend(Backend):
             rec.zc = 0
             rec.addr = addr
             rec.nbytes = nbytes
-        rw_flags = op.rw_flags & _U32
+        rw_flags = _recv_trunc(op) if op.rw_flags & _MSG_WAITALL else op.rw_flags & _U32
         if flags & _I_FALLOC:
             addr, nbytes, rw_flags = op.nbytes & _U64, rw_flags, 0
         sqe = (
@@ -1057,7 +1080,13 @@ class UringBackend(Backend):
                         pin.release()
                 # Of a plain op's CQE flags only SOCK_NONEMPTY (a RECV that left data
                 # behind) means something to the ring.
-                out.append((rec.complete, res, flags & _F_SOCK_NONEMPTY))
+                op = rec.op
+                if op is not None and res > op.nbytes:
+                    # Only our MSG_TRUNC makes a RECV say more: a truncated record, which
+                    # io_uring fails under MSG_WAITALL (issue 12, class 10).
+                    res = op.nbytes
+                    flags |= _IO_FAILED
+                out.append((rec.complete, res, flags & _F_CQE_KEEP))
                 rec.op = rec.complete = None
                 rec.state = _S_DONE
                 continue
