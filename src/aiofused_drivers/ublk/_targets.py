@@ -22,6 +22,7 @@ Targets are built from a spec string ``KIND:ARGS`` by :func:`make_target`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -139,8 +140,6 @@ class Target:
     """Base class: the default ``handle`` maps READ/WRITE through :meth:`pieces`."""
 
     kind: ClassVar[str] = ""
-    #: Safe to serve the same export from several worker processes.
-    multi_process: ClassVar[bool] = True
     #: Told (:meth:`request_ended`) when each request it handled ended.
     wants_end: ClassVar[bool] = False
     #: NBD_FLAG_CAN_MULTI_CONN is advertised: a write completed on one connection is
@@ -353,13 +352,27 @@ class MirrorTarget(Target):
     only.  A region being copied is *locked*: requests that change it wait, and the
     copy waits until nothing is in flight on it.  Copies run in a thread, a region at
     a time, and log their progress.
+
+    Several processes (``nbd serve --workers N``) may serve one mirror: each has a
+    :class:`MirrorState` on the same database and sees the others' changes before
+    each request (``PRAGMA data_version``), and every :attr:`watch_interval` when
+    idle.  A replica one of them takes out is out for all (``take_out`` is durable
+    before the request that found it is answered, and the others' next request
+    reloads the replica state).  Each has its own write-intent bitmap, so none clears
+    a region under another's writes; a region another process's bitmap holds (it is
+    writing there, or it crashed) is read from ``self.source`` only.  One process, the
+    *leader* (a lock on ``STATE-leader``; another takes over if it dies), runs the
+    resyncs: it copies the regions of processes that are gone, and the stale
+    replicas, each region locked in the database so that every process holds back its
+    writes there while the leader waits for those in flight elsewhere.
     """
 
     kind = "mirror"
-    multi_process = False
     wants_end = True
     #: Seconds between two cleaner passes (tests shorten it).
     clean_interval = 5.0
+    #: Seconds between two looks at what other processes did, when idle.
+    watch_interval = 0.05
     #: Seconds between two progress lines of a resync.
     progress_interval = 2.0
 
@@ -393,15 +406,23 @@ class MirrorTarget(Target):
         super().__init__(size)
         self.region_size = self.state.region_size
         self._rshift = self.region_size.bit_length() - 1
-        self.healthy = self.state.in_sync()
-        stale = self.state.stale()
-        self.writable = sorted(self.healthy + stale)
+        self.healthy: list[int] = []
+        self.writable: list[int] = []
         #: Replicas waiting for (or in) their full resync.
-        self.resyncing = list(stale)
-        #: Regions left dirty by a crash, not yet made the same everywhere; read from
-        #: ``self.source`` only until then.
-        self.unsafe: set[int] = set(self.state.dirty) if len(self.writable) > 1 else set()
-        self.source = self.healthy[0]
+        self.resyncing: list[int] = []
+        #: Regions another process's bitmap holds (a crash left them, or it writes
+        #: there) or locked for a copy: read from ``self.source`` only.
+        self.unsafe: set[int] = set()
+        self.source = 0
+        #: Replicas that failed here while the table keeps them in sync (the last one):
+        #: (events, resync) then; out of service here until the table changes for them.
+        self._broken: dict[int, tuple[int, bool]] = {}
+        #: Regions of processes gone to copy (the leader's).
+        self._orphans: set[int] = set()
+        self._stale_at_start = self.state.stale()
+        self._apply_view()
+        if self.state.lead():
+            self._take_lead()
         self._rr = 0
         self._inflight: dict[int, int] = {}
         self._written: dict[int, int] = {}
@@ -411,7 +432,10 @@ class MirrorTarget(Target):
         self._deferred: dict[int, list[Ctx]] = {}
         self._idle_waiter: tuple[int, asyncio.Future[None]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._resync_task: asyncio.Task[None] | None = None
+        self._clean_task: asyncio.Task[None] | None = None
         self._stopping = False
+        stale = self._stale_at_start
         if stale:
             log.warning(
                 "ublk.mirror_stale_replicas",
@@ -420,16 +444,77 @@ class MirrorTarget(Target):
                 events=[self.state.replica_events[r] for r in stale],
                 mirror_events=self.state.events,
             )
-        if self.unsafe:
-            log.warning("ublk.mirror_dirty_regions", regions=len(self.unsafe))
+        if self._orphans:
+            log.warning("ublk.mirror_dirty_regions", regions=len(self._orphans))
+
+    # ---- the view of the shared state --------------------------------------------
+
+    def _apply_view(self) -> None:
+        """healthy/writable/resyncing/source/unsafe from the state as last loaded."""
+        st = self.state
+        broken = self._broken
+        for r, seen in list(broken.items()):
+            if seen != (st.replica_events[r], st.replica_resync[r]):
+                del broken[r]  # resynced or taken out since: the table says
+        self.healthy = [r for r in st.in_sync() if r not in broken]
+        self.resyncing = [r for r in st.resyncing() if r not in broken]
+        self.writable = sorted(self.healthy + self.resyncing)
+        if self.healthy:
+            self.source = self.healthy[0]
+        self.unsafe = (st.others | st.locked_elsewhere) if len(self.writable) > 1 else set()
+
+    def _take_lead(self) -> None:
+        """This process runs the resyncs now: of the stale replicas (every process
+        writes them from now on) and of the regions of processes gone."""
+        st = self.state
+        stale = [r for r in st.stale() if r not in st.resyncing()]
+        if stale and st.in_sync():
+            st.start_resync(stale)
+        self._orphans = st.orphans() if len(st.in_sync()) + len(st.resyncing()) > 1 else set()
+        self._apply_view()
+        log.info("ublk.mirror_leader", pid=os.getpid(), state=self.state_path)
+
+    def _refresh(self) -> None:
+        """Take in what other processes committed (before each request)."""
+        if not self.state.changed():
+            return
+        self._apply_view()
+        locked = self.state.locked_elsewhere
+        for region in [r for r in self._deferred if r not in locked and r not in self._locked]:
+            self._resume(region)
+        if locked & self.state.mine:
+            self._clean_soon()
+
+    def _resume(self, region: int) -> None:
+        for ctx in self._deferred.pop(region, []):
+            try:
+                self.handle(ctx)
+            except Exception:
+                log.exception("ublk.target_failed", q_id=ctx.q_id, tag=ctx.tag)
+                ctx.commit(-errno.EIO)
+
+    def _clean_soon(self) -> None:
+        """Clear what can be cleared now (a copy elsewhere waits for this bitmap)."""
+        if self._stopping or (self._clean_task is not None and not self._clean_task.done()):
+            return
+        self._clean_task = asyncio.get_running_loop().create_task(self._clean())
 
     # ---- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the cleaner, and the resync if anything needs one (on the loop)."""
+        """Start the cleaner and the watch, and the resync if anything needs one."""
         self._tasks.append(asyncio.create_task(self._cleaner(), name="mirror-cleaner"))
-        if self.unsafe or self.resyncing:
-            self._tasks.append(asyncio.create_task(self._resync(), name="mirror-resync"))
+        self._tasks.append(asyncio.create_task(self._watch(), name="mirror-watch"))
+        self._maybe_resync()
+
+    def _maybe_resync(self) -> None:
+        if not self.state.leader or self._stopping:
+            return
+        if self._resync_task is not None and not self._resync_task.done():
+            return
+        if self._orphans or self.resyncing:
+            self._resync_task = asyncio.create_task(self._resync(), name="mirror-resync")
+            self._tasks.append(self._resync_task)
 
     async def stop(self) -> None:
         """Stop the resync and the cleaner (a copy ends at its next chunk); with
@@ -437,8 +522,10 @@ class MirrorTarget(Target):
         crash left that were not copied yet."""
         self._stopping = True
         for task in self._tasks:
-            if not task.done() and task.get_name() == "mirror-cleaner":
+            if not task.done() and task.get_name() in ("mirror-cleaner", "mirror-watch"):
                 task.cancel()
+        if self._clean_task is not None:
+            await asyncio.wait([self._clean_task], timeout=30)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
         self._tasks.clear()
@@ -472,6 +559,8 @@ class MirrorTarget(Target):
                 waiter = self._idle_waiter
                 if waiter is not None and waiter[0] == r and not waiter[1].done():
                     waiter[1].set_result(None)
+                if r in self.state.locked_elsewhere:
+                    self._clean_soon()
 
     def _begin_change(self, ctx: Ctx) -> bool:
         """Count a data-changing request on its regions (once per request); False if
@@ -480,11 +569,16 @@ class MirrorTarget(Target):
             return True
         iod = ctx.iod
         regions = self._regions(iod.start, iod.nr_bytes)
+        elsewhere = self.state.locked_elsewhere
         for r in regions:
-            if r in self._locked:
+            if r in self._locked or r in elsewhere:
                 self._deferred.setdefault(r, []).append(ctx)
                 return False
-        self.state.mark_dirty(regions)
+        locked = self.state.mark_dirty(regions)  # looks for locks in the same transaction
+        if locked:
+            self._deferred.setdefault(min(locked), []).append(ctx)
+            self._apply_view()
+            return False
         self._seq += 1
         seq = self._seq
         inflight, written = self._inflight, self._written
@@ -500,16 +594,11 @@ class MirrorTarget(Target):
     def _fail(self, label: int, res: int) -> None:
         if label not in self.writable:
             return
-        self.writable.remove(label)
-        if label in self.resyncing:
-            self.resyncing.remove(label)
-        if label in self.healthy:
-            rest = [r for r in self.healthy if r != label]
-            if rest:  # the last replica stays recorded in sync: it holds the data
-                self.state.keep_in_sync(rest)
-            self.healthy = rest
-            if rest and self.source == label:
-                self.source = rest[0]
+        st = self.state
+        st.take_out(label)  # durable, from the table's state: other processes see it
+        if label in st.in_sync():  # the last replica stays recorded in sync: it holds the data
+            self._broken[label] = (st.replica_events[label], st.replica_resync[label])
+        self._apply_view()
         log.error(
             "ublk.mirror_replica_failed",
             replica=label,
@@ -532,6 +621,12 @@ class MirrorTarget(Target):
         return [Piece(self.fds[r], iod.start, 0, iod.nr_bytes, r)]
 
     def handle(self, ctx: Ctx) -> None:
+        try:
+            self._refresh()
+        except (OSError, sqlite3.Error) as e:
+            log.error("ublk.mirror_state_failed", error=str(e))
+            ctx.commit(-errno.EIO)
+            return
         if not self.healthy:
             ctx.commit(-errno.EIO)
             return
@@ -645,8 +740,8 @@ class MirrorTarget(Target):
 
     async def _resync(self) -> None:
         try:
-            if self.unsafe:
-                regions = sorted(self.unsafe)
+            if self._orphans:
+                regions = sorted(self._orphans)
                 await self._copy_regions("dirty regions", regions, lambda: self.healthy)
             if self.resyncing and not self._stopping:
                 everything = list(range(((self.size - 1) >> self._rshift) + 1))
@@ -654,8 +749,7 @@ class MirrorTarget(Target):
                 if not self._stopping:
                     for r in list(self.resyncing):
                         self.state.mark_in_sync(r)
-                        self.resyncing.remove(r)
-                        self.healthy = sorted([*self.healthy, r])
+                        self._apply_view()
                         log.info(
                             "ublk.mirror_replica_in_sync",
                             replica=r,
@@ -677,12 +771,11 @@ class MirrorTarget(Target):
             if self._stopping:
                 log.info("ublk.mirror_resync_stopped", what=what, done=done, bytes=total)
                 return
-            to = [r for r in dests() if r != self.source and r in self.writable]
+            self._refresh()
             if self.source not in self.healthy:
                 raise RuntimeError("no replica in sync to copy from")
-            if to:
-                await self._copy_region(region, to)
-            self.unsafe.discard(region)
+            await self._copy_region(region, dests)
+            self._orphans.discard(region)
             done += self.region_size
             now = loop.time()
             if now - last >= self.progress_interval:
@@ -701,9 +794,14 @@ class MirrorTarget(Target):
             seconds=round(loop.time() - t0, 3),
         )
 
-    async def _copy_region(self, region: int, to: Sequence[int]) -> None:
+    async def _copy_region(self, region: int, dests: Callable[[], Sequence[int]]) -> None:
+        """Copy ``region`` from the source to ``dests()``: locked (here and, in the
+        table, for every process) once no write is in flight on it anywhere."""
         self._locked.add(region)
+        st = self.state
+        copied = False
         try:
+            st.lock(region)
             while self._inflight.get(region):
                 fut = asyncio.get_running_loop().create_future()
                 self._idle_waiter = (region, fut)
@@ -711,18 +809,27 @@ class MirrorTarget(Target):
                     await fut
                 finally:
                     self._idle_waiter = None
-            start = region << self._rshift
-            n = min(self.region_size, self.size - start)
-            src = self.fds[self.source]
-            await asyncio.to_thread(self._copy, src, [self.fds[r] for r in to], start, n)
+            # Another process with writes in flight here keeps its bitmap row until
+            # they are done (it clears it at once when it sees the lock).
+            while st.writers_elsewhere(region) and not self._stopping:
+                await asyncio.sleep(0.01)
+            self._refresh()
+            to = [r for r in dests() if r != self.source and r in self.writable]
+            if to and not self._stopping:
+                start = region << self._rshift
+                n = min(self.region_size, self.size - start)
+                src = self.fds[self.source]
+                await asyncio.to_thread(self._copy, src, [self.fds[r] for r in to], start, n)
+            if not self._stopping:
+                st.copied(region)  # the lock goes with the rows of processes gone
+                copied = True
+                self._apply_view()
         finally:
             self._locked.discard(region)
-            for ctx in self._deferred.pop(region, []):
-                try:
-                    self.handle(ctx)
-                except Exception:
-                    log.exception("ublk.target_failed", q_id=ctx.q_id, tag=ctx.tag)
-                    ctx.commit(-errno.EIO)
+            if not copied:
+                with contextlib.suppress(sqlite3.Error):
+                    st.unlock(region)
+            self._resume(region)
 
     def _copy(self, src: int, dests: Sequence[int], offset: int, length: int) -> None:
         """In a thread: copy ``length`` bytes at ``offset`` from ``src`` to ``dests``
@@ -748,16 +855,34 @@ class MirrorTarget(Target):
             while not self._stopping:
                 await asyncio.sleep(self.clean_interval)
                 await self._clean()
+                if not self.state.leader and self.state.lead():  # the leader is gone
+                    self._take_lead()
+                elif self.state.leader and not self._orphans:
+                    # A process that served this mirror died: copy its regions.
+                    self._orphans = self.state.orphans() if len(self.writable) > 1 else set()
+                self._maybe_resync()
         except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("ublk.mirror_cleaner_failed")
 
+    async def _watch(self) -> None:
+        """Take in other processes' changes while no request comes (a lock to give
+        way to, a lock gone that deferred requests wait for)."""
+        try:
+            while not self._stopping:
+                await asyncio.sleep(self.watch_interval)
+                self._refresh()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("ublk.mirror_watch_failed")
+
     async def _clean(self, final: bool = False) -> None:
-        """Clear dirty regions with nothing in flight, once the replicas were synced
-        after their last write."""
-        blocked = self.unsafe | self._locked
-        candidates = [r for r in self.state.dirty if r not in blocked and not self._inflight.get(r)]
+        """Clear this process's dirty regions with nothing in flight, once the
+        replicas were synced after their last write."""
+        blocked = self._locked
+        candidates = [r for r in self.state.mine if r not in blocked and not self._inflight.get(r)]
         if not candidates:
             return
         seq = self._seq

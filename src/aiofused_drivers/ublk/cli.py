@@ -38,17 +38,11 @@ from aiofused.driver import (
 from ._dispatch import Dispatcher
 from ._nbd import NbdServer
 from ._service import BlockService, ExportSpec, parse_export
-from ._targets import MirrorTarget, _split_args
+from ._targets import _split_args
 
 __all__ = ["add_parser", "main", "run"]
 
 log = get_logger(__name__)
-
-#: Targets one process only may serve.  The mirror's replica state is durable, but
-#: its write-intent bitmap is cleared by one process from what it has in flight, and
-#: its resync locks regions against its own writes only: a second worker could have
-#: a region cleared or copied under its writes (stale data after a crash or resync).
-_SINGLE_PROCESS = {"mirror": MirrorTarget}
 
 #: The IANA port of NBD, what nbdkit and qemu-nbd listen on when given no port.
 NBD_PORT = 10809
@@ -126,7 +120,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="all exports read-only (one export: NAME=TARGET:ARGS,ro)",
     )
-    serve.add_argument("--workers", "-w", type=int_arg(1), default=1, help="worker processes")
+    serve.add_argument(
+        "--workers",
+        "-w",
+        type=int_arg(1),
+        default=1,
+        help="worker processes (any target: mirror and linear share their SQLite state)",
+    )
     serve.add_argument(
         "--backend", default="auto", choices=("auto", "uring", "asyncio"), help="ring backend"
     )
@@ -308,15 +308,6 @@ def run(args: argparse.Namespace) -> int:
             "use --workers 1",
             status=2,
         )
-    if args.workers > 1:
-        single = [s.name for s in specs if s.target.partition(":")[0] in _SINGLE_PROCESS]
-        if single:
-            raise CommandError(
-                f"--workers {args.workers}: mirror exports ({', '.join(map(repr, single))}) "
-                "are served by one process (their write-intent bitmap and resync are not "
-                "shared by workers); use --workers 1",
-                status=2,
-            )
     try:
         for spec in specs:
             check_export(spec)
