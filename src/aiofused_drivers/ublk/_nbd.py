@@ -790,7 +790,11 @@ class Connection:
             out = self._out
             out.append((hdr, None))
             out.append((rb.view, rb))
-            if not self._flush_scheduled and not self._writing:
+            if self._writing:
+                pass
+            elif not self.inflight:  # nothing else can join this send: send now
+                self._flush()
+            elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         elif res < 0 or is_read:
@@ -807,7 +811,16 @@ class Connection:
                 xstats.write_bytes += req.length
             if rb is not None:
                 self._release(rb)
-            self._queue_out(_simple_ok(_SIMPLE_MAGIC, 0, cookie), None)
+            hdr = _simple_ok(_SIMPLE_MAGIC, 0, cookie)
+            self.held += len(hdr)
+            self._out.append((hdr, None))
+            if self._writing:
+                pass
+            elif not self.inflight:  # as for a READ above
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
         if self._paused:
             self.maybe_resume()
 

@@ -231,13 +231,17 @@ class Ctx:
 
     def _fused_complete(self, res: int, flags: int) -> None:
         server = self.server
+        server.fused_inflight -= 1
         if res >= 0 and self.chain and not self.short and not self.failed and not self.fsync_fds:
             # The common case, inline: queue the commit (as server.submit_commit).
-            result = self.result
             elems = server.commits[self.q_id]
             elems.append(self.tag)
-            elems.append(result)
-            if not server.commit_wanted:
+            elems.append(self.result)
+            if not server.fused_inflight:
+                # The last one in flight: nothing more can join this batch, commit now
+                # rather than one loop iteration later.
+                server.commit_now()
+            elif not server.commit_wanted:
                 server.commit_wanted = True
                 server.host.want_flush(server)
             return
@@ -402,6 +406,8 @@ class UblkServer:
         self.batch = driver.batch_io
         self.commits: list[list[int]] = [[] for _ in range(driver.nr_queues)]
         self.commit_wanted = False
+        #: Batch mode: fused primaries opened and not yet completed.
+        self.fused_inflight = 0
         self._fetch_cmds = [pack_batch_cmd(q) for q in range(driver.nr_queues)]
         #: Continuation rounds submitted for short transfers (for tests and metrics).
         self.continued = 0
@@ -462,6 +468,11 @@ class UblkServer:
             )
             sqe.flags |= _SKIP
             sqe.user_data = _ud(self.dev_id, KIND_COMMIT, 0, q_id, 0)
+
+    def commit_now(self) -> None:
+        """Batch mode: submit the queued commits at once."""
+        self.prep_commits()
+        self.host.flush()
 
     # ---- CQEs -----------------------------------------------------------------------
 
@@ -643,6 +654,7 @@ class UblkServer:
         ctx.fsync_fds = fsync_fds
         ctx.result = result
         ctx.chain = chain
+        self.fused_inflight += 1
         self.ring.open_fused(
             self.dfile,
             UBLK_IO_FUSED_SUBMIT_IO,
