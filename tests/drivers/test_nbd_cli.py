@@ -195,6 +195,9 @@ async def test_workers_get_connections_evenly_and_share_data() -> None:
     ("args", "needle"),
     [
         (["--export", "nonsense", "--socket", "/tmp/x.sock"], "'nonsense': expected NAME="),
+        (["--export", "d=loop:,ro", "--socket", "/tmp/x.sock"], "expected loop:PATH"),
+        (["--export", "d=null:1Q,ro", "--socket", "/tmp/x.sock"], "'1Q'"),
+        (["--export", "d=null:1M", "--listen", "h:p"], "invalid address 'h:p'"),
         (
             ["--export", "m=mirror:/a,/b", "--socket", "/tmp/x.sock", "--workers", "2"],
             "/a: no such file",  # with --workers too: the files are what is wrong

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -305,3 +306,24 @@ async def test_nbdcopy_opens_several_connections_over_two_workers(kind: str) -> 
             conns = _connected(srv, "disk")[before:]
         assert len(conns) == 8, conns  # four in, four out
         assert len({e["worker"] for e in conns}) == 2, conns
+
+
+@_skip("qemu-nbd")
+async def test_qemu_nbd_list_shows_multi_conn_and_read_only(ring_backend: str) -> None:
+    """qemu's own view of the flags (``qemu-nbd --list``): ``multi`` on every export,
+    ``readonly`` on the ``,ro`` one only."""
+    with short_tmpdir() as d:
+        disk = _file(d, "disk.img", MiB)
+        exports = [f"d=loop:{disk}", "r=null:1M,ro"]
+        async with serve(backend=ring_backend, exports=exports) as srv:
+            r = (await run_client("qemu-nbd", "--list", "-k", srv.sock_path)).check()
+        flags = {
+            name: line
+            for name, line in zip(
+                re.findall(r"export: '(\w+)'", r.stdout),
+                re.findall(r"flags: (.*)", r.stdout),
+                strict=True,
+            )
+        }
+        assert "multi" in flags["d"] and "readonly" not in flags["d"], r.stdout
+        assert "multi" in flags["r"] and "readonly" in flags["r"], r.stdout

@@ -145,15 +145,19 @@ class Target:
     #: NBD_FLAG_CAN_MULTI_CONN is advertised: a write completed on one connection is
     #: seen by a read started afterwards on any other, and a FLUSH on any connection
     #: makes every write completed before it durable, whoever sent it.  Every target
-    #: here keeps that: all connections of a process share one target object (one
-    #: view of the replicas, one mapping cache), a FLUSH syncs every backing file of
-    #: the target, and the workers of ``--workers N`` share the page cache of those
-    #: files and (linear) coordinate through the mapping database.  The mirror keeps
-    #: it mid-resync too: a replica being resynced is written but never read until it
-    #: holds everything, a region left dirty by a crash is read from one replica until
-    #: copied, and a region being copied holds back the writes to it.  A target that
-    #: serves reads from per-connection or per-process state that other writers do
-    #: not update must set this to False.
+    #: here keeps that.  All connections of a process share one target object (one
+    #: view of the replicas, one mapping cache), and a FLUSH fsyncs every backing file
+    #: of the target, which covers the pages any process wrote.  Across the workers of
+    #: ``--workers N``: loop and null have no state but the page cache they share;
+    #: linear records an allocation before the write that needed it is acknowledged
+    #: and a worker looks up again what it cached as unmapped once another committed;
+    #: the mirror takes a replica out before the write it missed is acknowledged and
+    #: every worker reloads the replica state before each request.  Mid-resync too: a
+    #: replica being resynced is written by every worker but read by none until it
+    #: holds everything, a region a crash (or another worker's writes) may have left
+    #: different is read from one replica, and a region being copied holds back the
+    #: writes to it in every worker.  A target whose reads depend on per-connection
+    #: or per-process state that other writers do not update must set this to False.
     multi_conn: ClassVar[bool] = True
 
     def __init__(self, size: int) -> None:
