@@ -266,3 +266,47 @@ async def test_a_hard_enter_error_fails_direct_ops(
         assert (await cqes(ring, 1))[10].res == 32
     finally:
         os.close(fd)
+
+
+async def test_a_drain_on_a_chain_member_drains_the_next_standalone_op(
+    ring: Ring, pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    """An IO_DRAIN on a chain's member drains the unit after the chain too (the kernel's
+    drain_next): that READ waits for the blocked RECV, so it cannot run as is."""
+    path = tmp_path / "f"
+    path.write_bytes(b"r" * 64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_recv(pair[1].fileno(), bytearray(8))  # blocks until the peer sends
+        s.user_data = 1
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_nop()
+        s.flags |= SqeFlag.IO_LINK
+        s.user_data = 2
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_nop()
+        s.flags |= SqeFlag.IO_DRAIN
+        s.user_data = 3
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_read(fd, bytearray(64), 64, 0)
+        s.user_data = 4
+        before = direct(ring)
+        ring.submit()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        seen = []
+        while (c := ring.peek_cqe()) is not None:
+            ring.cqe_seen(c)
+            seen.append(c.user_data)
+        assert 4 not in seen  # drained behind the RECV
+        assert direct(ring) == before + 1  # the RECV only
+        pair[0].send(b"go")
+        got = await cqes(ring, 4 - len(seen))
+        assert got[4].res == 64
+    finally:
+        os.close(fd)

@@ -258,7 +258,7 @@ class RingCore(FusedCommands):
                     sqe.opcode in DIRECT_OPS
                     and chain is None
                     and not (sqe.flags or sqe.ioprio or sqe.rw_flags)
-                    and not (self._deferred or self._barrier or self._issuing)
+                    and not (self._deferred or self._barrier or self._issuing or self._drain_next)
                     and self.port.start_direct(sqe)
                 ):
                     # A standalone kernel op with no flags: the kernel's semantics are the
