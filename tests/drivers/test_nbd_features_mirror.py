@@ -288,3 +288,11 @@ def test_a_state_database_of_one_process_is_taken_over() -> None:
             assert target.state.mine == set() and target.state.orphans() == {1, 3}
         finally:
             target.close()
+
+
+def test_a_leader_lock_that_cannot_be_taken_is_a_value_error() -> None:
+    with short_tmpdir() as d:
+        paths = _files(d, 2, MiB)
+        os.mkdir(f"{paths[0]}.mirror.db-leader")  # not a file: EISDIR
+        with pytest.raises(ValueError, match=r"mirror state .*Is a directory"):
+            MirrorTarget(paths)

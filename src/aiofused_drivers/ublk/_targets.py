@@ -425,8 +425,12 @@ class MirrorTarget(Target):
         self._orphans: set[int] = set()
         self._stale_at_start = self.state.stale()
         self._apply_view()
-        if self.state.lead():
-            self._take_lead()
+        try:
+            if self.state.lead():
+                self._take_lead()
+        except (OSError, sqlite3.Error) as e:
+            self.close()
+            raise ValueError(f"mirror state {self.state_path!r}: {e}") from None
         self._rr = 0
         self._inflight: dict[int, int] = {}
         self._written: dict[int, int] = {}
