@@ -167,3 +167,25 @@ async def test_close_ends_an_open_primary_that_was_never_sealed() -> None:
     cancelled = [("secondary", -errno.ECANCELED), ("primary", -errno.ECANCELED)]
     assert ev.log == [("lent", 16), *cancelled]
     assert_idle(ring, fake)
+
+
+async def test_a_raising_callback_is_logged_and_the_command_still_completes() -> None:
+    """A secondary's completion callback that raises must not leave its record behind:
+    the primary completes, nothing stays lent, and close() does not wait forever."""
+    fake = FakeBackend()
+    ev = Events()
+    async with Ring(8, flags=FUSED, backend=fake) as ring:
+        df = ring.register_driver(NullDriver(size=16))
+
+        def boom(res: int, flags: int) -> None:
+            ev.secondary(res, flags)
+            raise RuntimeError("callback bug")
+
+        p = ring.open_fused(df, NULL_LEND, on_lent=ev.lent, on_complete=ev.primary)
+        ring.fused_secondary(p, Op.READ, 5, nbytes=16, on_complete=boom)
+        ring.seal(p)
+        fake.complete(0)
+        await settle(ring)
+        assert ev.log == [("lent", 16), ("secondary", 16), ("primary", 0)]
+        del p
+        assert_idle(ring, fake)

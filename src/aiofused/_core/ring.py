@@ -7,16 +7,23 @@ Theory of operation
 from the free list, runs the generic init checks and the op's ``prep`` (SPEC R3), and
 assembles link chains exactly as ``io_submit_sqe``/``io_submit_fail_init`` do (SPEC
 L1-L5): an init error inside a chain fails the whole chain once it ends; an init error
-that ends a chain, or a standalone one, stops consumption.  A FUSED_CMD consumes its
-secondaries right after itself (SPEC F3-F5); they hang off the primary, never in a chain.
+that ends a chain, or a standalone one, stops consumption (unless SUBMIT_ALL).  A
+FUSED_CMD consumes its secondaries right after itself (SPEC F3-F5); they hang off the
+primary, never in a chain.  Two kinds of SQE take no record: a plain standalone NOP
+(its CQE is posted at once) and a standalone flagless READ/WRITE/SEND/RECV that the
+port's ``start_direct`` takes (the backend runs the SQE as is and hands its CQE back in
+a batch as ``(user_data, res, flags)``; ``live`` counts it, ASYNC_CANCEL and close reach
+it through ``port.cancel_direct``).  What the kernel starts from task work or io-wq (a
+chain's next member, IOSQE_ASYNC requests, drained units) is queued on ``_later`` and
+started at the end of ``submit()`` (SPEC R2).
 
 A *unit* is one chain (or a standalone request).  Units are released in order through
 the drain queue (SPEC L5); ``live`` counts the requests of released units that have not
 finally completed.  Issuing goes through a work list (``_ready``) so that requests
 completing at once (NOP, errors) never recurse.
 
-Every request ends in exactly one :meth:`RingCore.finish` (SEND_ZC: its result, then
-its NOTIF): the CQE is posted (or hidden by CQE_SKIP_SUCCESS, or by a failed SKIP
+Every request with a record ends in exactly one :meth:`RingCore.finish` (SEND_ZC: its
+result, then its NOTIF): the CQE is posted (or hidden by CQE_SKIP_SUCCESS, or by a failed SKIP
 request ahead in its chain, SPEC L4), the chain advances or is failed (SPEC L2), and the
 record is released: its buffer view let go, its references dropped, the record back on
 the free list.  Nothing a request holds is dropped before that point, whatever happens
@@ -425,7 +432,8 @@ class RingCore(FusedCommands):
         on_cqe: Callable[[int, int], None],
     ) -> Req:
         """A secondary for an open primary; its CQE goes to ``on_cqe``."""
-        s = self._new(0, int(op), 0, OPDEFS[op])
+        opdef = OPDEFS[op]
+        s = self._new(0, int(op), 0, opdef)
         s.on_cqe = on_cqe
         err = resolve_fd(self, s, fd, 0)
         if err or s.driver is not None:
@@ -436,7 +444,7 @@ class RingCore(FusedCommands):
         s.nbytes = nbytes
         s.offset = offset
         s.rw_flags = flags = flags if type(flags) is int else int(flags)  # MSG_* are IntFlags
-        s.want = link_threshold(OPDEFS[op], flags, nbytes)
+        s.want = link_threshold(opdef, flags, nbytes)
         return s
 
     # ---- init --------------------------------------------------------------------------
@@ -927,7 +935,10 @@ class RingCore(FusedCommands):
         if not drop_cqe and (not skip or failed):
             on_cqe = req.on_cqe
             if on_cqe is not None:
-                on_cqe(res, flags)
+                try:
+                    on_cqe(res, flags)
+                except Exception:  # the record must still complete and be released
+                    self.port.log_error("cqe_callback_raised", exc=True, user_data=req.user_data)
             else:
                 # A TIMEOUT's CQE does not count when it expired or its count was
                 # reached (the kernel's cq_timeouts); a cancelled one's does.
