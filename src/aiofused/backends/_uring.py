@@ -32,7 +32,9 @@ SQEs (and the backlog) are consumed in order and ``IORING_OP_ASYNC_CANCEL`` runs
 is issued, so the stale cancel finds nothing (-ENOENT).
 
 *Buffer lifetime (SPEC F13).*  The record holds the ``IoOp`` (so ``op.buf`` and
-``op.file``) and a buffer export taken on ``op.buf`` (a ctypes array from
+``op.file``; a direct op, taken by :meth:`UringBackend.start_direct` with no ring
+record, has only its ``user_data`` and the export) and a buffer export taken on
+``op.buf`` (a ctypes array from
 ``from_buffer`` for writable views, a ``Py_buffer`` from ``PyObject_GetBuffer`` for
 read-only ones).  The export is what gives the kernel its address, and it pins the
 underlying object: a ``bytearray`` cannot be resized and an ``mmap`` cannot be closed
@@ -268,7 +270,8 @@ class _Record(BackendOp):
     ``op`` (hence ``op.buf`` and ``op.file``) and ``pin`` (the buffer export whose
     address the kernel has) are dropped only when the final CQE has been reaped.
     ``sqe`` is set only while the record waits in the backlog; ``zc`` and ``addr``
-    only for SEND_ZC.
+    only for SEND_ZC.  A direct op's record (``_K_DIRECT``, from :meth:`start_direct`)
+    has no ``op`` or ``complete``: only ``pin`` and the ring's ``user_data``.
     """
 
     __slots__ = (
@@ -1081,9 +1084,15 @@ class UringBackend(Backend):
                 # Of a plain op's CQE flags only SOCK_NONEMPTY (a RECV that left data
                 # behind) means something to the ring.
                 op = rec.op
-                if op is not None and res > op.nbytes:
-                    # Only our MSG_TRUNC makes a RECV say more: a truncated record, which
-                    # io_uring fails under MSG_WAITALL (issue 12, class 10).
+                if (
+                    op is not None
+                    and res > op.nbytes
+                    and op.rw_flags & _MSG_WAITALL
+                    and not op.rw_flags & MSG_TRUNC
+                ):
+                    # Only the MSG_TRUNC we added makes a RECV say more: a truncated
+                    # record, which io_uring fails under MSG_WAITALL (issue 12, class 10);
+                    # a caller's own MSG_TRUNC gets the record's length, as on the kernel.
                     res = op.nbytes
                     flags |= _IO_FAILED
                 out.append((rec.complete, res, flags & _F_CQE_KEEP))
