@@ -93,7 +93,7 @@ import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiofused import BufDir, DriverFile, Op, Ring, SetupFlag
+from aiofused import BufDir, DriverFile, Op, Ring, RingClosedError, SetupFlag
 from aiofused.backend import get_backend_class
 from aiofused.driver import (
     ArgumentParser,
@@ -126,7 +126,8 @@ __all__ = [
 log = get_logger("aiofused.proxy")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_MSG_WAITALL = socket.MSG_WAITALL
+_MSG_WAITALL = int(socket.MSG_WAITALL)  # plain ints: an IntFlag costs an int() per send
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 #: ``struct tcp_info``: ``tcpi_bytes_acked`` and ``tcpi_bytes_received`` (Linux 4.1, 4.6).
 _TCP_INFO_BYTES = struct.Struct("=QQ")
 _TCP_INFO_BYTES_AT = 120
@@ -1339,7 +1340,7 @@ class _Pipe:
                     _OP_SEND,
                     m.sock,
                     nbytes=n,
-                    flags=socket.MSG_DONTWAIT,
+                    flags=_MSG_DONTWAIT,
                     on_complete=self._mirror_cbs[i],
                 )
             else:
@@ -1349,7 +1350,9 @@ class _Pipe:
     def _sent_cb(self, res: int, flags: int) -> None:
         if res > 0:
             self._sent += res
-            if self._sent < self._n and not self._aborting:  # MSG_WAITALL makes this rare
+            # The rest of a short send (MSG_WAITALL makes it rare), unless the command was
+            # sealed under us (an abort, the ring closing).
+            if self._sent < self._n and not self._aborting and not self._cmd.sealed:
                 self._ring.fused_secondary(
                     self._cmd,
                     _OP_SEND,
@@ -1367,7 +1370,7 @@ class _Pipe:
         if self._mwait:
             self._settle_left = _MIRROR_GRACE_ITERATIONS
             self._graced = False
-            asyncio.get_running_loop().call_soon(self._settle)
+            asyncio.get_running_loop().call_soon(self._settle, self._completed)
         else:
             self._ring.seal(self._cmd)
 
@@ -1377,8 +1380,15 @@ class _Pipe:
         if res > 0:
             self._msent[i] += res
         left = n - self._msent[i]
-        if left and res > 0 and self._mstate[i] == _M_NOWAIT and m.sock is not None:
-            self._mirror_send(i, m, left, socket.MSG_DONTWAIT)  # what it takes now
+        if (
+            left
+            and res > 0
+            and self._mstate[i] == _M_NOWAIT
+            and m.sock is not None
+            and not self._aborting
+            and not self._cmd.sealed
+        ):
+            self._mirror_send(i, m, left, _MSG_DONTWAIT)  # what it takes now
             return
         if (
             left
@@ -1387,6 +1397,7 @@ class _Pipe:
             and self._mstate[i] == _M_NOWAIT
             and m.sock is not None
             and not self._aborting
+            and not self._cmd.sealed
         ):
             self._mstate[i] = _M_WAIT  # waits for socket space until the grace ends
             self._mirror_send(i, m, left, _MSG_WAITALL)
@@ -1408,17 +1419,17 @@ class _Pipe:
             on_complete=self._mirror_cbs[i],
         )
 
-    def _settle(self) -> None:
-        """The main SEND is done: give the mirrors' sends a few iterations (and the
-        grace), then cancel the ones still pending."""
-        if not self._mwait:
+    def _settle(self, chunk: int) -> None:
+        """The main SEND of ``chunk`` is done: give the mirrors' sends a few iterations
+        (and the grace), then cancel the ones still pending (never a later chunk's)."""
+        if chunk != self._completed or not self._mwait or not self._main_done:
             return
         if self._settle_left > 0:
             self._settle_left -= 1
-            asyncio.get_running_loop().call_soon(self._settle)
+            asyncio.get_running_loop().call_soon(self._settle, chunk)
         elif self._grace > 0 and not self._graced:
             self._graced = True
-            asyncio.get_running_loop().call_later(self._grace, self._settle)
+            asyncio.get_running_loop().call_later(self._grace, self._settle, chunk)
         else:
             self._ring.cancel_secondaries(self._cmd)
 
@@ -1438,8 +1449,11 @@ class _Pipe:
             else:
                 stats.bytes_downstream += res
             if not self._aborting:
-                self._next()
-                return
+                try:
+                    self._next()
+                    return
+                except RingClosedError:
+                    self._error = OSError(errno.ECANCELED, "ring closed")
         elif res == 0 and not self._aborting:
             # End of stream: propagate the half-close.
             with contextlib.suppress(OSError):
