@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from aiofused._abi import EBUSY, EINVAL, EIO, EIOCBQUEUED, ENXIO, BufDir, Op, SetupFlag
 from aiofused._buffers import BufferPool
 from aiofused._core.opdef import OPDEFS
-from aiofused._core.records import DriverFile, Req
+from aiofused._core.records import DriverFile, FusedState, Req
 from aiofused._core.ring import RingCore
 from aiofused._core.sqe import Cqe
 from aiofused._driver import Driver, load_driver
@@ -215,7 +215,11 @@ class Ring(RingCore):
         only to pass it to :meth:`fused_secondary`, :meth:`seal` and
         :meth:`cancel_secondaries`; it means nothing after ``on_complete``.
         """
-        p = self.private_primary(driver_file, cmd_op, bytes(cmd), BufDir(buf_dir), on_complete)
+        if type(cmd) is not bytes:
+            cmd = bytes(cmd)
+        if type(buf_dir) is not BufDir:
+            buf_dir = BufDir(buf_dir)
+        p = self.private_primary(driver_file, cmd_op, cmd, buf_dir, on_complete)
         p.on_lent = on_lent
         self.start_private(p)
         return p
@@ -236,7 +240,7 @@ class Ring(RingCore):
         buffer from ``at`` of an open primary; ``on_complete(res, flags)`` gets its result.
         :class:`DriverError` if the primary is sealed or not lent, ``ValueError`` for an
         op that cannot use the buffer in its direction."""
-        if primary.sealed or primary.base is None:
+        if primary.fstate is not FusedState.LENT or primary.sealed:  # as add_secondary
             raise DriverError(f"no secondary can start in state {primary.fstate.name.lower()}")
         opdef = OPDEFS.get(op)
         if opdef is None or not opdef.fused_secondary or opdef.buf_dir is not primary.buf_dir:
