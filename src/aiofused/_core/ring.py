@@ -98,7 +98,6 @@ _LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
 #: Flags whose presence needs the generic init checks.
 _CHECKED_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
 _CQE_MORE = int(CqeFlag.MORE)
-_IO_FAILED = IO_FAILED
 _CQE_NOTIF = int(CqeFlag.NOTIF)
 _OP_NOP = int(Op.NOP)
 _OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
@@ -680,10 +679,10 @@ class RingCore(FusedCommands):
         """A backend's completion of leaf op ``req`` (SEND_ZC: twice, MORE then NOTIF)."""
         if not flags:
             self.finish(req, res, _COMPLETE)
-        elif flags & _IO_FAILED:
+        elif flags & IO_FAILED:
             # Whole, and still a failure to the kernel (a truncated MSG_WAITALL record).
             req.want = res + 1
-            self.io_done(req, res, flags & ~_IO_FAILED)
+            self.io_done(req, res, flags & ~IO_FAILED)
         elif flags & _CQE_NOTIF:
             if req.state is _NOTIF:
                 req.state = REQ_EDGES[req.state + _NOTIF_IN]

@@ -136,7 +136,6 @@ _F_MORE: Final = int(CqeFlag.MORE)
 _F_SOCK_NONEMPTY: Final = int(CqeFlag.SOCK_NONEMPTY)
 #: What a plain op's completion passes on: SOCK_NONEMPTY, and our failure mark.
 _F_CQE_KEEP: Final = _F_SOCK_NONEMPTY | IO_FAILED
-_IO_FAILED: Final = IO_FAILED
 _MSG_WAITALL: Final = MSG_WAITALL
 
 
@@ -1094,7 +1093,7 @@ class UringBackend(Backend):
                     # record, which io_uring fails under MSG_WAITALL (issue 12, class 10);
                     # a caller's own MSG_TRUNC gets the record's length, as on the kernel.
                     res = op.nbytes
-                    flags |= _IO_FAILED
+                    flags |= IO_FAILED
                 out.append((rec.complete, res, flags & _F_CQE_KEEP))
                 rec.op = rec.complete = None
                 rec.state = _S_DONE
