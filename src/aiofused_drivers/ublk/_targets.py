@@ -819,7 +819,12 @@ class MirrorTarget(Target):
                     self._idle_waiter = None
             # Another process with writes in flight here keeps its bitmap row until
             # they are done (it clears it at once when it sees the lock).
+            loop = asyncio.get_running_loop()
+            since = loop.time()
             while st.writers_elsewhere(region) and not self._stopping:
+                if loop.time() - since > 10:  # a worker stopped, or cannot sync
+                    log.warning("ublk.mirror_resync_waiting", region=region)
+                    since = loop.time()
                 await asyncio.sleep(0.01)
             self._refresh()
             to = [r for r in dests() if r != self.source and r in self.writable]
