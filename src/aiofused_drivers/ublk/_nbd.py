@@ -790,11 +790,7 @@ class Connection:
             out = self._out
             out.append((hdr, None))
             out.append((rb.view, rb))
-            if self._writing:
-                pass
-            elif not self.inflight:  # nothing else can join this send: send now
-                self._flush()
-            elif not self._flush_scheduled:
+            if not self._flush_scheduled and not self._writing:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         elif res < 0 or is_read:
@@ -814,11 +810,7 @@ class Connection:
             hdr = _simple_ok(_SIMPLE_MAGIC, 0, cookie)
             self.held += len(hdr)
             self._out.append((hdr, None))
-            if self._writing:
-                pass
-            elif not self.inflight:  # as for a READ above
-                self._flush()
-            elif not self._flush_scheduled:
+            if not self._flush_scheduled and not self._writing:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         if self._paused:
