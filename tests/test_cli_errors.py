@@ -49,9 +49,13 @@ def one_line(proc: subprocess.CompletedProcess[str], status: int, *needles: str)
             ["proxy", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:70000"],
             ["--upstream", "'127.0.0.1:70000'", "0-65535"],
         ),
-        (
-            ["nbd", "serve", "--listen", "127.0.0.1", "--export", "a=null:1M"],
+        (  # a proxy needs the port; nbd serve defaults to 10809 (tests/drivers)
+            ["proxy", "--listen", "127.0.0.1", "--upstream", "127.0.0.1:1"],
             ["--listen", "'127.0.0.1'", "HOST:PORT"],
+        ),
+        (
+            ["nbd", "serve", "--listen", "127.0.0.1:abc", "--export", "a=null:1M"],
+            ["--listen", "'127.0.0.1:abc'", "port 'abc'"],
         ),
         (
             ["nbd", "serve", "--listen", "127.0.0.1:99999", "--export", "a=null:1M"],
