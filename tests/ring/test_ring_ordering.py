@@ -312,3 +312,49 @@ async def test_fake_contract_completions_never_inside_start_or_cancel() -> None:
         fake.complete(0)
         assert pairs(await ring.wait_cqes(1)) == [(2, 4)]
         assert ring.statistics()["backend_in_flight"] == 0
+
+
+class _Resubmitter:
+    """Completes inline, and while it is being called (inside ``submit()``) its owner
+    queues and submits one more NOP, as a server flushing from a completion would."""
+
+    name = "resubmitter"
+    can_fused = False
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self.calls = 0
+        self.inner: list[int] = []
+
+    def uring_cmd(self, cmd: UringCmd, issue_flags: int) -> int:
+        self.calls += 1
+        s = self.ring.get_sqe()
+        assert s is not None
+        s.prep_nop()
+        s.user_data = 99
+        self.inner.append(self.ring.submit())
+        return 0
+
+
+async def test_a_submit_from_inside_submit_is_consumed_once_by_the_outer_one() -> None:
+    """Re-entry: the inner ``submit()`` consumes nothing itself (0); the running one
+    consumes those SQEs after its own, once each (it used to read its own SQEs again)."""
+    fake = FakeBackend()
+    async with Ring(8, backend=fake) as ring:
+        drv = _Resubmitter(ring)
+        df = ring.register_driver(drv)
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_uring_cmd(df, 0)
+        s.user_data = 1
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_nop()
+        s.user_data = 2
+        assert ring.submit() == 3
+        got = []
+        while (c := ring.peek_cqe()) is not None:
+            ring.cqe_seen(c)
+            got.append((c.user_data, c.res))
+        assert got == [(1, 0), (2, 0), (99, 0)]
+        assert drv.calls == 1 and drv.inner == [0]

@@ -194,6 +194,7 @@ class RingCore(FusedCommands):
         self._drain_next = False
         #: Inside ``submit()``; what it leaves to after the submission (SPEC R2).
         self._submitting = False
+        self._submit_again = False
         self._later: list[Req] = []
         self._cqe_seq = 0
         self._count_timeouts: list[tuple[int, int, Req]] = []
@@ -238,6 +239,12 @@ class RingCore(FusedCommands):
         """Consume the SQ in order; return how many SQEs were consumed (SPEC R2, R4)."""
         if self.closing:
             raise RingClosedError("ring is closed")
+        if self._submitting:
+            # A callback run while this consumes (a driver that completes inline, whose
+            # owner submits more) submits again: the running submit() consumes those SQEs
+            # before it returns, in order, instead of reading its own again.
+            self._submit_again = True
+            return 0
         sq = self._sq
         n = len(sq)
         i = 0
@@ -312,6 +319,9 @@ class RingCore(FusedCommands):
         del sq[:i]
         if self._later:
             self._issue_later()
+        if self._submit_again:
+            self._submit_again = False
+            i += self.submit()
         return i
 
     def _count_earlier(self, req: Req, seq0: int) -> None:
@@ -600,10 +610,9 @@ class RingCore(FusedCommands):
         """The end of ``submit()``: start what the kernel starts from task work or io-wq
         after the submission (chain followers, IOSQE_ASYNC requests, a chain left open at
         the end, drained units released meanwhile), in the order they became ready."""
-        later = self._later
+        later, self._later = self._later, []  # what these start may queue more
         for req in later:
             self.issue(req)
-        later.clear()
 
     def _fail_unit(self, reqs: list[Req]) -> None:
         """A chain (or standalone request) with an init error (SPEC L3, F-rules): its head
