@@ -310,3 +310,44 @@ async def test_a_drain_on_a_chain_member_drains_the_next_standalone_op(
         assert got[4].res == 64
     finally:
         os.close(fd)
+
+
+async def test_a_pending_drain_next_is_taken_by_the_next_op_not_skipped(ring: Ring) -> None:
+    """A chain member's IO_DRAIN drains the next unit, even one submitted later, when the
+    chain has long completed: a flagless RECV that comes next takes that drain (it must
+    not run as is), so a RECV after it waits for it even with its data there."""
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    try:
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_nop()
+        s.flags |= SqeFlag.IO_LINK
+        s.user_data = 1
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_nop()
+        s.flags |= SqeFlag.IO_DRAIN
+        s.user_data = 2
+        ring.submit()
+        assert set((await cqes(ring, 2)).keys()) == {1, 2}
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_recv(a1.fileno(), bytearray(1), 1)  # no data yet
+        s.user_data = 3
+        ring.submit()
+        b2.send(b"z")
+        s = ring.get_sqe()
+        assert s is not None
+        s.prep_recv(a2.fileno(), bytearray(1), 1)  # its data is there
+        s.user_data = 4
+        ring.submit()
+        for _ in range(10):
+            await asyncio.sleep(0.005)
+        assert ring.peek_cqe() is None  # 4 waits behind the drained 3
+        b1.send(b"y")
+        got = await cqes(ring, 2)
+        assert (got[3].res, got[4].res) == (1, 1)
+    finally:
+        for s_ in (a1, b1, a2, b2):
+            s_.close()
