@@ -198,12 +198,12 @@ class NbdServer:
         return sock
 
     @staticmethod
-    def bind_tcp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    def bind_tcp(host: str, port: int) -> socket.socket:
+        """A listening TCP socket (no SO_REUSEPORT: with ``--workers`` the parent accepts
+        and hands connections over, and no other instance can join the address)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(128)
         return sock
