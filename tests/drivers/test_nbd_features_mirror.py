@@ -12,56 +12,26 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+# The mirror-state tests' helpers: the same replicas, client, writes and reads.
+from test_ublk_mirror_state import (
+    CLI,
+    NO_LEAKS,
+    WRITE,
+    MiB,
+    _client,
+    _files,
+    _read,
+    _reads,
+    _write,
+)
+
 from aiofused_drivers.ublk import MirrorTarget
-from aiofused_drivers.ublk.testing import RawClient, serve, settle, short_tmpdir
-
-MiB = 1 << 20
-READ, WRITE = 0, 1
-NO_LEAKS = {"buffers": 0, "lent": 0, "inflight": 0, "connections": 0}
-CLI = [sys.executable, "-m", "aiofused_drivers.ublk.cli", "nbd", "serve"]
-
-
-def _files(d: str, n: int, size: int) -> list[str]:
-    paths = []
-    for i in range(n):
-        p = os.path.join(d, f"r{i}.img")
-        with open(p, "wb") as f:
-            f.truncate(size)
-        paths.append(p)
-    return paths
-
-
-def _read(path: str, offset: int = 0, n: int = -1) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
-
-
-async def _client(sock: str) -> RawClient:
-    c = await asyncio.wait_for(RawClient.connect(sock), 10)
-    await asyncio.wait_for(c.go("m"), 10)
-    return c
-
-
-async def _write(c: RawClient, offset: int, data: bytes, cookie: int = 1) -> None:
-    c.request(WRITE, offset, len(data), cookie=cookie, payload=data)
-    assert await c.simple_reply() == (0, cookie, b"")
-
-
-async def _reads(c: RawClient, offset: int, n: int, times: int) -> list[bytes]:
-    out = []
-    for i in range(times):
-        c.request(READ, offset, n, cookie=100 + i)
-        err, cookie, data = await c.simple_reply(n)
-        assert (err, cookie) == (0, 100 + i)
-        out.append(data)
-    return out
+from aiofused_drivers.ublk.testing import serve, settle, short_tmpdir
 
 
 async def _until(cond: Any, timeout: float = 30) -> None:
