@@ -90,11 +90,11 @@ class Cli:
     def log(self) -> str:
         return "".join(self.lines)[-4000:]
 
-    async def stop(self) -> int:
+    async def stop(self, timeout: float = 20) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            code = await asyncio.wait_for(self.proc.wait(), 20)
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
@@ -104,7 +104,9 @@ class Cli:
 
 
 @contextlib.asynccontextmanager
-async def running(*args: str, workers: int = 1) -> AsyncIterator[Cli]:
+async def running(*args: str, workers: int = 1, timeout: float = 20) -> AsyncIterator[Cli]:
+    """``nbd serve ARGS`` until every worker listens (within ``timeout``); on exit,
+    SIGTERM and a clean exit 0 within ``timeout``."""
     proc = await asyncio.create_subprocess_exec(
         *CLI,
         *args,
@@ -116,10 +118,10 @@ async def running(*args: str, workers: int = 1) -> AsyncIterator[Cli]:
     )
     cli = Cli(proc)
     try:
-        await cli.wait_event("nbd.listening", count=workers)
+        await cli.wait_event("nbd.listening", count=workers, timeout=timeout)
         yield cli
     finally:
-        code = await cli.stop()
+        code = await cli.stop(timeout)
         assert code == 0, cli.log()
 
 

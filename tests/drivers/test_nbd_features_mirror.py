@@ -7,19 +7,16 @@ replica only until the resync leader copied it; one process only resyncs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 # The mirror-state tests' helpers: the same replicas, client, writes and reads.
+from test_nbd_features import Cli, running
 from test_ublk_mirror_state import (
-    CLI,
     NO_LEAKS,
     WRITE,
     MiB,
@@ -40,61 +37,9 @@ async def _until(cond: Any, timeout: float = 30) -> None:
             await asyncio.sleep(0.02)
 
 
-class Cli:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.lines.append(line.decode(errors="replace"))
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.lines:
-            if line.startswith("{"):
-                e = json.loads(line)
-                if e.get("event") == name:
-                    out.append(e)
-        return out
-
-    async def wait_event(self, name: str, count: int = 1, timeout: float = 30) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.events(name)) < count:
-                assert self.proc.returncode is None, self.log()
-                await asyncio.sleep(0.02)
-
-    def log(self) -> str:
-        return "".join(self.lines)[-5000:]
-
-
-@contextlib.asynccontextmanager
-async def running(*args: str, workers: int) -> AsyncIterator[Cli]:
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        *args,
-        "--log-format",
-        "json",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    cli = Cli(proc)
-    try:
-        await cli.wait_event("nbd.listening", count=workers)
-        yield cli
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        await cli._reader
-        assert proc.returncode == 0, cli.log()
+# A mirror's workers start with a resync leader and stop after its bitmap cleanup:
+# the same process helper as the other feature tests, with more time.
+_SLOW = 30.0
 
 
 @pytest.mark.timeout(90)
@@ -110,7 +55,9 @@ async def test_a_replica_one_process_took_out_is_read_by_no_other(ring_backend: 
         target = MirrorTarget(paths, region=MiB)
         try:
             async with serve(backend=ring_backend, targets=[("m", target, False)]) as srv:
-                async with running("-e", spec, "-U", sock, "--backend", ring_backend, workers=1):
+                async with running(
+                    "-e", spec, "-U", sock, "--backend", ring_backend, workers=1, timeout=_SLOW
+                ):
                     here, there = await _client(srv.sock_path), await _client(sock)
                     try:
                         await _write(here, 0, old)
@@ -148,11 +95,13 @@ async def test_a_killed_worker_s_regions_read_the_same_until_the_leader_copied_t
         paths = _files(d, 2, 8 * MiB)
         sock = os.path.join(d, "s.sock")
         spec = f"m=mirror:{paths[0]},{paths[1]},region=1M"
-        async with running("-e", spec, "-U", sock, "--workers", "2", workers=2) as srv:
+        async with running(
+            "-e", spec, "-U", sock, "--workers", "2", workers=2, timeout=_SLOW
+        ) as srv:
             writer = await _client(sock)
-            await srv.wait_event("nbd.connected", 1)
+            await srv.wait_event("nbd.connected", 1, timeout=_SLOW)
             reader = await _client(sock)
-            await srv.wait_event("nbd.connected", 2)
+            await srv.wait_event("nbd.connected", 2, timeout=_SLOW)
             victim = _worker_of(srv, 0)
             assert _worker_of(srv, 1) != victim
             try:
@@ -173,7 +122,7 @@ async def test_a_killed_worker_s_regions_read_the_same_until_the_leader_copied_t
                 assert await _reads(reader, 0, MiB, 4) == [first] * 4
             finally:
                 await reader.close()
-            await srv.wait_event("nbd.worker_restarted")
+            await srv.wait_event("nbd.worker_restarted", timeout=_SLOW)
         assert _read(paths[0]) == _read(paths[1])
         done = srv.events("ublk.mirror_resync_done")
         assert [e["what"] for e in done] == ["dirty regions"], srv.log()
@@ -203,17 +152,17 @@ async def test_one_worker_resyncs_and_writes_through_every_worker_reach_every_re
         sock = os.path.join(d, "s.sock")
         spec = f"m=mirror:{paths[0]},{paths[1]}"
         args = ("-e", spec, "-U", sock, "--workers", "2", "--backend", ring_backend)
-        async with running(*args, workers=2) as srv:
+        async with running(*args, workers=2, timeout=_SLOW) as srv:
             clients = [await _client(sock), await _client(sock)]
             try:
-                await srv.wait_event("nbd.connected", 2)
+                await srv.wait_event("nbd.connected", 2, timeout=_SLOW)
                 assert len({e["worker"] for e in srv.events("nbd.connected")}) == 2
                 for i in range(32):
                     off = ((i * 7) % 64) * MiB + 4096 * i
                     data = bytes([i + 1]) * 65536
                     await _write(clients[i % 2], off, data, cookie=i + 1)
                     want[off : off + len(data)] = data
-                await srv.wait_event("ublk.mirror_replica_in_sync")
+                await srv.wait_event("ublk.mirror_replica_in_sync", timeout=_SLOW)
                 for i in range(8):  # after the resync too
                     off = i * 8 * MiB + 12288
                     data = bytes([0x80 + i]) * 8192
