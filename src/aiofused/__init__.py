@@ -8,6 +8,12 @@ of them.  Plain ops run on a real kernel io_uring where the machine allows it, a
 on asyncio otherwise, with the same semantics.
 """
 
+# First: the core this process runs (the compiled twin or the pure one) is picked
+# before anything imports it.  CORE is "compiled" or "pure"; CORE_REASON says why.
+from aiofused._twin import CORE
+from aiofused._twin import REASON as CORE_REASON
+
+# isort: split
 from aiofused._abi import (
     EIOCBQUEUED,
     MAX_SECONDARY,
@@ -36,6 +42,8 @@ from aiofused._runtime.ring import Ring
 __version__ = "0.1.0"
 
 __all__ = [
+    "CORE",
+    "CORE_REASON",
     "EIOCBQUEUED",
     "MAX_SECONDARY",
     "AiofusedError",

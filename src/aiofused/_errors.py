@@ -19,6 +19,7 @@ __all__ = [
     "AiofusedError",
     "BackendUnavailable",
     "DriverError",
+    "LifecycleError",
     "RingClosedError",
     "check_res",
     "res_to_error",
@@ -27,6 +28,10 @@ __all__ = [
 
 class AiofusedError(Exception):
     """Base class of the exceptions aiofused raises itself."""
+
+
+class LifecycleError(AssertionError):
+    """A request received an input its state has no edge for (a ring bug)."""
 
 
 class BackendUnavailable(AiofusedError):

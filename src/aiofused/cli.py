@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
-from aiofused import BackendUnavailable, __version__
+from aiofused import CORE, CORE_REASON, BackendUnavailable, __version__
 from aiofused._args import ArgumentParser, CommandError, log_level_arg
 from aiofused._loop import run_on_loop
 from aiofused.driver import configure_logging
@@ -110,6 +110,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"aiofused {__version__}")
     print(f"python   {sys.version.split()[0]}")
     print(f"loop     {loop}")
+    print(f"core     {CORE} ({CORE_REASON})")
     print("backends:")
     probes = available_backends()
     for probe in probes:

@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from aiofused._abi import (
     EALREADY,
     EBADF,
@@ -68,28 +70,42 @@ def _ignore(res: int) -> None:
     pass
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # RingCore's base: see RingCore
 class FusedCommands:
     """The fused half of :class:`~aiofused._core.ring.RingCore` (a mixin over the same state)."""
 
-    if TYPE_CHECKING:  # what the mixin uses of RingCore
-        port: Port
-        views: int
-        lent: int
-        live: int
-        reg_pool: object
-        closing: bool
+    # What the mixin uses of RingCore: its state, and the methods RingCore defines.
+    port: Port
+    views: int
+    lent: int
+    live: int
+    reg_pool: object
+    closing: bool
 
-        def issue(self, req: Req) -> None: ...
-        def finish(
-            self, req: Req, res: int, inp: ReqInput, flags: int = 0, drop_cqe: bool = False
-        ) -> None: ...
-        def fail_one(self, m: Req, res: int, drop_cqe: bool) -> None: ...
-        def cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None: ...
-        def release_view(self, view: memoryview) -> bool: ...
-        def consume(
-            self, sqe: Sqe, after: Req | None = None, primary: Req | None = None, index: int = -1
-        ) -> Req: ...
-        def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None: ...
+    def issue(self, req: Req) -> None:
+        raise NotImplementedError
+
+    def finish(
+        self, req: Req, res: int, inp: ReqInput, flags: int = 0, drop_cqe: bool = False
+    ) -> None:
+        raise NotImplementedError
+
+    def fail_one(self, m: Req, res: int, drop_cqe: bool) -> None:
+        raise NotImplementedError
+
+    def cancel_req(self, req: Req, on_result: Callable[[int], None]) -> None:
+        raise NotImplementedError
+
+    def release_view(self, view: memoryview) -> bool:
+        raise NotImplementedError
+
+    def consume(
+        self, sqe: Sqe, after: Req | None = None, primary: Req | None = None, index: int = -1
+    ) -> Req:
+        raise NotImplementedError
+
+    def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
+        raise NotImplementedError
 
     # ---- building a primary ----------------------------------------------------------
 

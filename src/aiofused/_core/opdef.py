@@ -10,11 +10,10 @@ asyncio backend runs it).  Modelled on the kernel's ``io_uring/opdef.c`` and
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiofused._abi import (
     EBADF,
@@ -117,30 +116,62 @@ class UringEnc(enum.IntFlag):
     ZC = 1 << 6
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class OpDef:
-    """What the ring and its backends know about one opcode."""
+    """What the ring and its backends know about one opcode (never changed once built)."""
 
-    op: Op
-    prep: Prep
-    issue: Issue
-    needs_file: bool = False
-    #: May be a secondary of a fused command (V6 ``fused_secondary``).
-    fused_secondary: bool = False
-    #: DEST: the op writes into its buffer; SRC: it reads from it.
-    buf_dir: BufDir | None = None
-    ioprio: bool = False
-    #: A short result (res != requested length) fails the request, severing links.
-    short_fails: bool = False
-    #: errno for ``IOSQE_BUFFER_SELECT`` on this op at init (0: the op takes it).
-    buffer_select_err: int = EOPNOTSUPP
-    #: errno an op that takes ``IOSQE_BUFFER_SELECT`` answers at issue, after its file
-    #: checks: no buffer group is ever provided here (READ/RECV -ENOBUFS, SEND -ENOENT).
-    bufsel_issue_err: int = 0
-    #: The uring backend's encoding (``UringEnc.NONE``: not a kernel op here).
-    uring: UringEnc = UringEnc.NONE
-    #: The asyncio backend runs it.
-    asyncio: bool = False
+    __slots__ = (
+        "asyncio",
+        "buf_dir",
+        "buffer_select_err",
+        "bufsel_issue_err",
+        "fused_secondary",
+        "ioprio",
+        "issue",
+        "needs_file",
+        "op",
+        "prep",
+        "short_fails",
+        "uring",
+    )
+
+    def __init__(
+        self,
+        op: Op,
+        prep: Prep,
+        issue: Issue,
+        needs_file: bool = False,
+        fused_secondary: bool = False,
+        buf_dir: BufDir | None = None,
+        ioprio: bool = False,
+        short_fails: bool = False,
+        buffer_select_err: int = EOPNOTSUPP,
+        bufsel_issue_err: int = 0,
+        uring: UringEnc = UringEnc.NONE,
+        asyncio: bool = False,
+    ) -> None:
+        self.op: Final = op
+        self.prep: Final = prep
+        self.issue: Final = issue
+        self.needs_file: Final = needs_file
+        #: May be a secondary of a fused command (V6 ``fused_secondary``).
+        self.fused_secondary: Final = fused_secondary
+        #: DEST: the op writes into its buffer; SRC: it reads from it.
+        self.buf_dir: Final = buf_dir
+        self.ioprio: Final = ioprio
+        #: A short result (res != requested length) fails the request, severing links.
+        self.short_fails: Final = short_fails
+        #: errno for ``IOSQE_BUFFER_SELECT`` on this op at init (0: the op takes it).
+        self.buffer_select_err: Final = buffer_select_err
+        #: errno an op that takes ``IOSQE_BUFFER_SELECT`` answers at issue, after its file
+        #: checks: no buffer group is ever provided here (READ/RECV -ENOBUFS, SEND -ENOENT).
+        self.bufsel_issue_err: Final = bufsel_issue_err
+        #: The uring backend's encoding (``UringEnc.NONE``: not a kernel op here).
+        self.uring: Final = uring
+        #: The asyncio backend runs it.
+        self.asyncio: Final = asyncio
+
+    def __repr__(self) -> str:
+        return f"<OpDef {self.op.name} issue={self.issue.name}>"
 
     @property
     def backend(self) -> bool:

@@ -27,13 +27,12 @@ Fused lifecycle of a primary (refines its INFLIGHT period)::
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiofused._abi import BufDir, Op
-from aiofused._errors import DriverError
+from aiofused._errors import DriverError, LifecycleError
 
 if TYPE_CHECKING:
     from aiofused._core.opdef import OpDef
@@ -53,10 +52,6 @@ __all__ = [
     "fused_step",
     "req_step",
 ]
-
-
-class LifecycleError(AssertionError):
-    """A request received an input its state has no edge for (a ring bug)."""
 
 
 class ReqState(enum.IntEnum):
@@ -167,26 +162,55 @@ def _check_tables() -> None:
 _check_tables()
 
 
-@dataclasses.dataclass(slots=True)
 class IoOp:
-    """One leaf I/O op as the ring hands it to a backend (fields already validated)."""
+    """One leaf I/O op as the ring hands it to a backend (fields already validated).
 
-    opcode: Op
-    #: OS file descriptor (already resolved from a fixed-file slot or ``fileno()``).
-    fd: int
-    #: The buffer the op reads from or writes into (None for FSYNC).  For fused
-    #: secondaries this is a slice of the lent buffer.
-    buf: memoryview | None = None
-    #: Byte count to transfer (``len(buf)`` unless the SQE said less).
-    nbytes: int = 0
-    #: File offset for READ/WRITE; -1 means "current position" as in the kernel.
-    offset: int = 0
-    #: ``msg_flags`` for SEND/RECV, ``RWF_*`` for READ/WRITE, fsync flags for FSYNC.
-    rw_flags: int = 0
-    #: Index in the backend's registered buffers, or -1.
-    buf_index: int = -1
-    #: The object the fd came from (a socket, a file), kept alive with the op.
-    file: object = None
+    A plain ``__slots__`` class rather than a slotted dataclass: ``dataclass(slots=True)``
+    replaces the class it decorates, which the compiled twin (mypyc) cannot follow.
+    """
+
+    __slots__ = ("buf", "buf_index", "fd", "file", "nbytes", "offset", "opcode", "rw_flags")
+
+    def __init__(
+        self,
+        opcode: int,
+        fd: int,
+        buf: memoryview | None = None,
+        nbytes: int = 0,
+        offset: int = 0,
+        rw_flags: int = 0,
+        buf_index: int = -1,
+        file: object = None,
+    ) -> None:
+        #: The opcode (an :class:`~aiofused.Op` value, held as a plain int).
+        self.opcode = opcode
+        #: OS file descriptor (already resolved from a fixed-file slot or ``fileno()``).
+        self.fd = fd
+        #: The buffer the op reads from or writes into (None for FSYNC).  For fused
+        #: secondaries this is a slice of the lent buffer.
+        self.buf = buf
+        #: Byte count to transfer (``len(buf)`` unless the SQE said less).
+        self.nbytes = nbytes
+        #: File offset for READ/WRITE; -1 means "current position" as in the kernel.
+        self.offset = offset
+        #: ``msg_flags`` for SEND/RECV, ``RWF_*`` for READ/WRITE, fsync flags for FSYNC.
+        self.rw_flags = rw_flags
+        #: Index in the backend's registered buffers, or -1.
+        self.buf_index = buf_index
+        #: The object the fd came from (a socket, a file), kept alive with the op.
+        self.file = file
+
+    def __call__(self, res: int, flags: int) -> None:
+        """The op's completion, when the op is its own (a :class:`Req` is); a bare IoOp
+        is completed through the callable its backend was given with it.  (Declared here
+        so that every IoOp has one layout: mypyc gives a callable class a vectorcall
+        slot, which a subclass adding ``__call__`` would insert ahead of these fields.)"""
+        raise TypeError("a bare IoOp has no completion of its own")
+
+    def __repr__(self) -> str:
+        return (
+            f"IoOp(opcode={self.opcode}, fd={self.fd}, nbytes={self.nbytes}, offset={self.offset})"
+        )
 
 
 class DriverFile:
@@ -267,7 +291,7 @@ class Req(IoOp):
 
     def __init__(self, ring: RingCore) -> None:
         self.ring = ring
-        self.opcode = 0  # type: ignore[assignment]
+        self.opcode = 0
         self.fd = -1
         self.buf = None
         self.nbytes = 0
@@ -328,9 +352,6 @@ class Req(IoOp):
         self.fixed_index = -1
         #: A private primary's "lent" event: ``on_lent(cmd, nbytes)`` (the lease, open_fused).
         self.on_lent: Callable[[Req, int], None] | None = None
-
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
 
     def __call__(self, res: int, flags: int) -> None:
         """Backend completion entry point (``complete(res, flags)``)."""

@@ -44,6 +44,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from aiofused._abi import (
     EALREADY,
     EBADF,
@@ -137,6 +139,7 @@ def _ignore(res: int) -> None:
     pass
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the compiled twin: Ring subclasses it
 class RingCore(FusedCommands):
     """The ring's state machine; :class:`aiofused.Ring` is its runtime (and its port)."""
 
@@ -470,7 +473,7 @@ class RingCore(FusedCommands):
             req = Req(self)
         req.state = REQ_EDGES[req.state + _CONSUME]
         req.user_data = user_data
-        req.opcode = opdef.op if opdef is not None else opcode  # type: ignore[assignment]
+        req.opcode = opdef.op if opdef is not None else opcode
         req.flags = flags
         req.opdef = opdef
         req.res = 0

@@ -11,8 +11,7 @@ an immutable record.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from aiofused._abi import Op, SqeFlag, UringCmdFlag
 from aiofused._core.records import DriverFile
@@ -57,7 +56,26 @@ def _nbytes(buf: Any) -> int:
     return memoryview(buf).nbytes
 
 
-@dataclasses.dataclass(slots=True, eq=False)
+#: Sqe's fields in ``struct io_uring_sqe`` order (its repr).
+_SQE_FIELDS: Final = (
+    "opcode",
+    "flags",
+    "ioprio",
+    "fd",
+    "off",
+    "addr",
+    "len",
+    "rw_flags",
+    "user_data",
+    "buf_index",
+    "nr_secondary",
+    "uring_cmd_flags",
+    "cmd_op",
+    "cmd",
+    "pad1",
+)
+
+
 class Sqe:
     """A submission queue entry.  Fields mirror ``struct io_uring_sqe``.
 
@@ -65,21 +83,61 @@ class Sqe:
     object with ``fileno()``, or a :class:`~aiofused.DriverFile`.
     """
 
-    opcode: int = int(Op.NOP)
-    flags: int = 0
-    ioprio: int = 0
-    fd: Any = -1
-    off: int = 0
-    addr: Any = 0
-    len: int = 0
-    rw_flags: int = 0
-    user_data: int = 0
-    buf_index: int = 0
-    nr_secondary: int = 0
-    uring_cmd_flags: int = 0
-    cmd_op: int = 0
-    cmd: bytes = b""
-    pad1: int = 0
+    __slots__ = (
+        "addr",
+        "buf_index",
+        "cmd",
+        "cmd_op",
+        "fd",
+        "flags",
+        "ioprio",
+        "len",
+        "nr_secondary",
+        "off",
+        "opcode",
+        "pad1",
+        "rw_flags",
+        "uring_cmd_flags",
+        "user_data",
+    )
+
+    def __init__(
+        self,
+        opcode: int = int(Op.NOP),
+        flags: int = 0,
+        ioprio: int = 0,
+        fd: Any = -1,
+        off: int = 0,
+        addr: Any = 0,
+        len: int = 0,
+        rw_flags: int = 0,
+        user_data: int = 0,
+        buf_index: int = 0,
+        nr_secondary: int = 0,
+        uring_cmd_flags: int = 0,
+        cmd_op: int = 0,
+        cmd: bytes = b"",
+        pad1: int = 0,
+    ) -> None:
+        self.opcode = opcode
+        self.flags = flags
+        self.ioprio = ioprio
+        self.fd = fd
+        self.off = off
+        self.addr = addr
+        self.len = len
+        self.rw_flags = rw_flags
+        self.user_data = user_data
+        self.buf_index = buf_index
+        self.nr_secondary = nr_secondary
+        self.uring_cmd_flags = uring_cmd_flags
+        self.cmd_op = cmd_op
+        self.cmd = cmd
+        self.pad1 = pad1
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{name}={getattr(self, name)!r}" for name in _SQE_FIELDS)
+        return f"Sqe({body})"
 
     # ---- helpers -------------------------------------------------------------
 

@@ -115,13 +115,13 @@ _K_DIRECT: Final = 3  # a standalone op the ring handed over as is (start_direct
 
 #: opcode -> (kernel opcode number, record kind, _I_* flags), for every op the op table
 #: gives a kernel encoding.
-_OPINFO: Final[dict[Op, tuple[int, int, int]]] = {
+_OPINFO: Final[dict[int, tuple[int, int, int]]] = {
     d.op: (int(d.op), _K_ZC if d.uring & UringEnc.ZC else _K_PLAIN, int(d.uring))
     for d in OPDEFS.values()
     if d.uring & UringEnc.KERNEL
 }
 #: Opcodes this backend executes (intersected with what the kernel reports).
-IMPLEMENTED_OPS: Final = frozenset(_OPINFO)
+IMPLEMENTED_OPS: Final = frozenset(Op(op) for op in _OPINFO)
 
 _U64: Final = 0xFFFFFFFFFFFFFFFF
 _U32: Final = 0xFFFFFFFF
@@ -405,7 +405,7 @@ class UringBackend(Backend):
         if not probe.available:
             raise BackendUnavailable(self.name, probe.reason)
         self._ops = probe.ops
-        self._opinfo = {op: _OPINFO[op] for op in probe.ops}
+        self._opinfo: dict[int, tuple[int, int, int]] = {op: _OPINFO[op] for op in probe.ops}
         #: opcode -> (opcode, _I_* flags) for what start_direct takes.
         self._direct_info = {
             int(op): (info[0], info[2]) for op, info in self._opinfo.items() if op in DIRECT_OPS
