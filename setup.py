@@ -74,9 +74,12 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:
             self._skip(exc)
 
-    @staticmethod
-    def _skip(exc: BaseException) -> None:
-        sys.stderr.write(f"aiofused: compiled core not built ({exc}); using the pure core\n")
+    _skipped = False
+
+    def _skip(self, exc: BaseException) -> None:
+        if not self._skipped:  # once, not per extension module
+            self._skipped = True
+            sys.stderr.write(f"aiofused: compiled core not built ({exc}); using the pure core\n")
 
 
 def twin_extensions() -> list[Any]:

@@ -71,10 +71,13 @@ def select() -> tuple[str, str]:
 
         get_logger("aiofused").warning("compiled_core_stale", using="pure")
         return "pure", "the compiled core was built from other sources: rebuild it"
+    try:
+        modules = {name: importlib.import_module(f"aiofused._ccore.{name}") for name in COMPILED}
+    except ImportError as exc:  # a partial build
+        return "pure", f"the compiled core is incomplete ({exc})"
     import aiofused._core as pure
 
-    for name in COMPILED:
-        module = importlib.import_module(f"aiofused._ccore.{name}")
+    for name, module in modules.items():
         sys.modules[f"aiofused._core.{name}"] = module
         setattr(pure, name, module)
     return "compiled", "the mypyc twin of aiofused._core"

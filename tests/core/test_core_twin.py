@@ -73,14 +73,19 @@ def test_no_extensions_runs_the_pure_core() -> None:
     assert out == "pure aiofused._core.ring"
 
 
+def _copy_package(dest: Path) -> None:
+    """Copy the installed aiofused (with its twin) to ``dest``."""
+    pkg = Path(aiofused.__file__).resolve().parent
+    shutil.copytree(pkg, dest / "aiofused", ignore=shutil.ignore_patterns("__pycache__"))
+    for lib in pkg.parent.glob("aiofused_ccore__mypyc*"):
+        shutil.copy2(lib, dest / lib.name)
+
+
 @needs_twin
 def test_a_twin_built_from_other_sources_is_not_used(tmp_path: Path) -> None:
     """An edited core that was not rebuilt runs pure: the twin never stands in for code
     it was not compiled from."""
-    pkg = Path(aiofused.__file__).resolve().parent
-    shutil.copytree(pkg, tmp_path / "aiofused", ignore=shutil.ignore_patterns("__pycache__"))
-    for lib in pkg.parent.glob("aiofused_ccore__mypyc*"):
-        shutil.copy2(lib, tmp_path / lib.name)
+    _copy_package(tmp_path)
     code = (
         "import aiofused, aiofused._core.ring as r; "
         f"print(aiofused.CORE, r.__name__, r.__file__.startswith({str(tmp_path)!r}))"
@@ -91,6 +96,23 @@ def test_a_twin_built_from_other_sources_is_not_used(tmp_path: Path) -> None:
     out = _python(code + "; print(aiofused.CORE_REASON)", "compiled", tmp_path)
     assert out.splitlines()[0] == "pure aiofused._core.ring True"
     assert "other sources" in out.splitlines()[1]
+
+
+@needs_twin
+def test_a_partial_twin_is_not_used(tmp_path: Path) -> None:
+    """A build that compiled some modules only (a compiler that failed half-way) leaves
+    the pure core running, not an import error."""
+    _copy_package(tmp_path)
+    for ext in (tmp_path / "aiofused" / "_ccore").glob("ring.*"):
+        ext.unlink()
+    out = _python(
+        "import aiofused, aiofused._core.ring as r; "
+        "print(aiofused.CORE, r.__name__); print(aiofused.CORE_REASON)",
+        "compiled",
+        tmp_path,
+    )
+    assert out.splitlines()[0] == "pure aiofused._core.ring"
+    assert "incomplete" in out.splitlines()[1]
 
 
 @needs_twin
