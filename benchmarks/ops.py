@@ -41,14 +41,18 @@ How CPU per op is measured:
   as a cross-check.
 
 Contenders are interleaved: every repetition runs all of them, in an order rotated
-between repetitions; medians are printed with the min-max range.
+between repetitions; medians are printed with the min-max range.  Each ring cell runs on
+the compiled twin and on the pure core (``AIOFUSED_NO_EXTENSIONS=1`` in its child), both
+in the same run (``--cores``; only the pure one where the twin is not built); a child
+that ran on another core than asked is an error.
 
 Targets (uvloop): read32 on the uring backend <= 1.6x fio io_uring QD32 (read1 is
 reported beside fio QD1); fused32 on the uring backend <= 3.2x fio io_uring QD32; nop32
 <= 0.6 us per op on every backend (a NOP never reaches the backend).
 
 Usage: python benchmarks/ops.py [--quick] [--loop uvloop|asyncio]
-       [--backend all|uring|asyncio] [--reps R] [--strict] [--dir DIR] [--no-fio]
+       [--backend all|uring|asyncio] [--cores both|compiled|pure] [--reps R] [--strict]
+       [--dir DIR] [--no-fio]
 Exit status: 0 when every cell ran and returned correct results (targets are reported,
 and enforced only with --strict: 1 if one was missed); 2 on a wrong result or an error.
 """
@@ -436,7 +440,9 @@ def child_main(args: argparse.Namespace) -> int:
         traceback.print_exc()
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 2
-    print(json.dumps(out))
+    import aiofused
+
+    print(json.dumps(out | {"core": aiofused.CORE}))
     return 0
 
 
@@ -465,7 +471,7 @@ class Results:
 
 
 def run_ring_child(
-    cell: Cell, backend: str, loop: str, path: str, ops: int, cap: float, seed: int
+    cell: Cell, backend: str, core: str, loop: str, path: str, ops: int, cap: float, seed: int
 ) -> Sample:
     cmd = [
         sys.executable,
@@ -485,8 +491,12 @@ def run_ring_child(
         "--seed",
         str(seed),
     ]
+    env = dict(os.environ)
+    env.pop("AIOFUSED_NO_EXTENSIONS", None)
+    if core == "pure":
+        env["AIOFUSED_NO_EXTENSIONS"] = "1"
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=4 * cap + 60)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=4 * cap + 60, env=env)
     except subprocess.TimeoutExpired as exc:
         raise CellError(f"child timed out after {exc.timeout:.0f} s") from None
     lines = p.stdout.strip().splitlines()
@@ -494,6 +504,8 @@ def run_ring_child(
         out = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         out = {"error": f"no result (exit {p.returncode})"}
+    if p.returncode == 0 and out.get("core", core) != core:
+        out = {"error": f"ran on the {out['core']} core, not the {core} one"}
     if p.returncode != 0 or "error" in out:
         tail = "\n".join(p.stderr.strip().splitlines()[-15:])
         raise CellError(
@@ -650,20 +662,22 @@ def report(results: Results, keys: list[tuple[str, str]], loop: str) -> list[tup
         "fio's own: fio's JSON usr+sys over its job runtime (job process only, no setup)"
     )
     print()
-    backends = sorted(
-        {k.split("/")[1] for k, _ in keys if k.startswith("ring/")}, key=BACKENDS.index
+    variants = sorted(
+        {k.split("/")[1] for k, _ in keys if k.startswith("ring/")},
+        key=lambda v: (BACKENDS.index(v.split(":")[0]), v),
     )
     hdr = (
-        f"{'cell':<8} {'backend':<8} {'aiofused CPU us/op':>18} {'fio CPU us/op':>13} "
-        f"{'ratio':>6} {'target':>11} {'':>5}"
+        f"{'cell':<8} {'backend':<8} {'core':<8} {'aiofused CPU us/op':>18} "
+        f"{'fio CPU us/op':>13} {'ratio':>6} {'target':>11} {'':>5}"
     )
     print(f"final table ({loop}; fio at the same QD: io_uring)")
     print(hdr)
     print("-" * len(hdr))
     targets: list[tuple[str, bool]] = []
-    for b in backends:
+    for v in variants:
+        b, core = v.split(":")
         for c in CELLS:
-            key = f"ring/{b}/{c.name}"
+            key = f"ring/{v}/{c.name}"
             mine = results.cpu(key)
             theirs = results.cpu(c.fio) if c.fio else None
             ratio = mine / theirs if mine is not None and theirs else None
@@ -684,20 +698,20 @@ def report(results: Results, keys: list[tuple[str, str]], loop: str) -> list[tup
                 if value is not None:
                     ok = value <= (c.target or 0)
                     verdict = "PASS" if ok else "MISS"
-                    targets.append((f"{c.name} {b}", ok))
+                    targets.append((f"{c.name} {b} {core}", ok))
             elif c.target is not None:
                 tgt = f"({tgt})"
             shown = "ERROR" if mine is None and key in results.errors else fmt(mine)
             print(
-                f"{c.name:<8} {b:<8} {shown:>18} {fmt(theirs):>13} "
+                f"{c.name:<8} {b:<8} {core:<8} {shown:>18} {fmt(theirs):>13} "
                 f"{'-' if ratio is None else f'{ratio:.2f}x':>6} {tgt:>11} {verdict:>5}"
             )
     psync = results.cpu("fio-psync-qd1")
     if psync is not None:
         rel = ", ".join(
-            f"read1 {b} {m / psync:.2f}x"
-            for b in backends
-            if (m := results.cpu(f"ring/{b}/read1")) is not None
+            f"read1 {v.replace(':', ' ')} {m / psync:.2f}x"
+            for v in variants
+            if (m := results.cpu(f"ring/{v}/read1")) is not None
         )
         print(f"reference: fio psync QD1 {psync:.2f} CPU us/op" + (f" ({rel})" if rel else ""))
     print("(target): reported, not checked (targets: uvloop; read32 and fused32: uring backend)")
@@ -713,6 +727,14 @@ def main() -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target was missed")
     ap.add_argument("--dir", default=None, help="where the temporary 64 MiB file goes")
     ap.add_argument("--no-fio", action="store_true", help="skip the fio contenders")
+    ap.add_argument(
+        "--cores",
+        choices=("both", "compiled", "pure"),
+        default="both",
+        help="the core the ring cells run on: the compiled twin, the pure one (by\n"
+        "AIOFUSED_NO_EXTENSIONS=1), or both interleaved (default; pure only where the\n"
+        "twin is not built)",
+    )
     ap.add_argument("--child", choices=list(CELL_BY_NAME), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--ops", type=int, help=argparse.SUPPRESS)
@@ -752,6 +774,15 @@ def main() -> int:
         f"kernel {platform.release()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
     )
     print(f"aiofused from {Path(aiofused.__file__).parent}")
+    twin = aiofused.CORE == "compiled"
+    if args.cores == "both":
+        cores = ["compiled", "pure"] if twin else ["pure"]
+    elif args.cores == "compiled" and not twin:
+        print(f"no compiled core here ({aiofused.CORE_REASON})")
+        return 2
+    else:
+        cores = [args.cores]
+    print(f"cores: {', '.join(cores)}" + ("" if twin else f" ({aiofused.CORE_REASON})"))
     print(
         f"loop {args.loop}; backends: {', '.join(backends) or 'none'}"
         + "".join(f"; {n} skipped ({w})" for n, w in why.items())
@@ -760,7 +791,8 @@ def main() -> int:
     results = Results()
     keys: list[tuple[str, str]] = []
     for b in backends:
-        keys += [(f"ring/{b}/{c.name}", f"{c.name} ({b})") for c in CELLS]
+        for core in cores:
+            keys += [(f"ring/{b}:{core}/{c.name}", f"{c.name} ({b}, {core})") for c in CELLS]
     for fc in FIO_CELLS:
         keys.append((fc.name, f"fio {fc.engine} qd{fc.qd}"))
         if fio_why:
@@ -784,12 +816,13 @@ def main() -> int:
         print()
         work: list[tuple[str, Callable[[int], Sample]]] = []
         for b in backends:
-            for c in CELLS:
+            for core in cores:
+                for c in CELLS:
 
-                def ring_job(rep: int, c: Cell = c, b: str = b) -> Sample:
-                    return run_ring_child(c, b, args.loop, path, c.ops // scale, cap, rep)
+                    def ring_job(rep: int, c: Cell = c, b: str = b, core: str = core) -> Sample:
+                        return run_ring_child(c, b, core, args.loop, path, c.ops // scale, cap, rep)
 
-                work.append((f"ring/{b}/{c.name}", ring_job))
+                    work.append((f"ring/{b}:{core}/{c.name}", ring_job))
         for fc in FIO_CELLS:
             if fc.name in results.skipped:
                 continue

@@ -1,15 +1,15 @@
 """Which core this process runs: the compiled twin, or the pure-Python reference.
 
-``aiofused._core`` is the readable reference.  ``setup.py`` compiles a copy of it with
-mypyc as ``aiofused._ccore``, stamped with the SHA-256 of the sources it came from.
-:func:`select` (run when ``import aiofused`` imports this module, first) makes
-``aiofused._core.<module>`` *be* the twin's module, so every importer gets one
-implementation, unless:
-
-* ``AIOFUSED_NO_EXTENSIONS`` is set to a non-empty value other than ``0``;
-* the twin was not built (no compiler or mypyc at install time);
-* the twin was built from other sources than the installed core (an edited checkout
-  not rebuilt): the pure core then runs, and a warning says so.
+``aiofused._core`` (and the ``Ring``, its subclass) is the readable reference.  Where
+the build could, ``setup.py`` compiled those same modules with mypyc: each has an
+extension module beside its source, which Python's import system prefers, and
+``aiofused._core._stamp`` holds the SHA-256 of the sources compiled.  :func:`select`
+(run when ``import aiofused`` imports this module, first) lets the extensions load only
+if every one is there and they were built from exactly the installed sources, and
+unless ``AIOFUSED_NO_EXTENSIONS`` is set (to anything but ``0``); otherwise a finder at
+the head of ``sys.meta_path`` imports those modules from their sources, all of them, so
+a process never mixes the two.  An edited checkout that was not rebuilt runs pure, with
+a warning.
 
 :data:`CORE` names the core that runs (``"compiled"`` or ``"pure"``), :data:`REASON` why.
 """
@@ -18,69 +18,102 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Final
 
-__all__ = ["CORE", "MODULES", "REASON", "built", "select", "source_sha"]
+__all__ = ["CORE", "REASON", "SOURCES", "built", "select", "source_sha"]
 
-#: The core's modules, in the order the stamp hashes them (``setup.py`` keeps the same).
-MODULES: Final = ("fused", "opdef", "port", "records", "ring", "sqe")
-#: The modules the twin compiles (``port`` is a typing Protocol: it stays pure).
-COMPILED: Final = ("sqe", "records", "opdef", "fused", "ring")
+#: The compiled modules' sources under aiofused, as setup.py hashes them (keep in step).
+SOURCES: Final = (
+    "_core/fused.py",
+    "_core/opdef.py",
+    "_core/records.py",
+    "_core/ring.py",
+    "_core/sqe.py",
+    "_runtime/ring.py",
+)
+_PKG: Final = Path(__file__).resolve().parent
+#: Module name -> its source file, for every module the twin compiles.
+_MODULES: Final = {
+    "aiofused." + path.removesuffix(".py").replace("/", "."): _PKG / path for path in SOURCES
+}
+_STAMP: Final = "aiofused._core._stamp"
 
 
 def source_sha() -> str:
-    """SHA-256 of the pure core's sources, as ``setup.py`` stamps the twin."""
-    core = Path(__file__).resolve().parent / "_core"
+    """SHA-256 of the twin's sources as installed, as ``setup.py`` stamps the twin."""
     h = hashlib.sha256()
-    for name in MODULES:
-        h.update(name.encode() + b"\0" + (core / f"{name}.py").read_bytes() + b"\0")
+    for path in SOURCES:
+        h.update(path.encode() + b"\0" + (_PKG / path).read_bytes() + b"\0")
     return h.hexdigest()
 
 
+def _extension(source: Path) -> bool:
+    """An extension module of ``source``'s name sits beside it."""
+    stem = source.with_suffix("")
+    return any(
+        Path(f"{stem}{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES
+    )
+
+
 def built() -> bool:
-    """True if the compiled twin is installed (whether or not this process runs it)."""
-    try:
-        spec = importlib.util.find_spec("aiofused._ccore._stamp")
-    except ImportError:
-        return False
-    origin = spec.origin if spec is not None else None
-    return origin is not None and origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    """True if the whole twin is installed (whether or not this process runs it)."""
+    return _extension(_PKG / "_core" / "_stamp.py") and all(map(_extension, _MODULES.values()))
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Import the twin's modules from their ``.py`` sources, never the extensions."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        source = _MODULES.get(fullname)
+        if source is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source)
 
 
 def _disabled() -> bool:
-    value = os.environ.get("AIOFUSED_NO_EXTENSIONS", "")
-    return value not in ("", "0")
+    return os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0")
 
 
-def select() -> tuple[str, str]:
-    """Alias ``aiofused._core.*`` to the twin if it may run; return (core, reason)."""
-    if any(f"aiofused._core.{m}" in sys.modules for m in COMPILED):
-        return "pure", "the core was imported before aiofused chose one"
+def _pick() -> tuple[str, str]:
+    if any(name in sys.modules for name in _MODULES):
+        loaded = sys.modules.get("aiofused._core.ring")
+        core = "compiled" if loaded is not None and _is_extension(loaded) else "pure"
+        return core, "the core was imported before aiofused chose one"
     if _disabled():
         return "pure", "AIOFUSED_NO_EXTENSIONS is set"
     if not built():
         return "pure", "the compiled core is not built"
-    stamp = importlib.import_module("aiofused._ccore._stamp")
-    if source_sha() != stamp.SOURCE_SHA:
+    stamp = importlib.import_module(_STAMP)
+    if getattr(stamp, "SOURCE_SHA", None) != source_sha():
         from aiofused._log import get_logger
 
         get_logger("aiofused").warning("compiled_core_stale", using="pure")
         return "pure", "the compiled core was built from other sources: rebuild it"
-    try:
-        modules = {name: importlib.import_module(f"aiofused._ccore.{name}") for name in COMPILED}
-    except ImportError as exc:  # a partial build
-        return "pure", f"the compiled core is incomplete ({exc})"
-    import aiofused._core as pure
+    return "compiled", "mypyc twin of aiofused._core and the Ring"
 
-    for name, module in modules.items():
-        sys.modules[f"aiofused._core.{name}"] = module
-        setattr(pure, name, module)
-    return "compiled", "the mypyc twin of aiofused._core"
+
+def _is_extension(module: ModuleType) -> bool:
+    return str(getattr(module, "__file__", "")).endswith(
+        tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    )
+
+
+def select() -> tuple[str, str]:
+    """Decide which core runs (installing the source finder for the pure one)."""
+    core, reason = _pick()
+    if core == "pure" and not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder())
+    return core, reason
 
 
 CORE, REASON = select()

@@ -1,4 +1,4 @@
-"""The compiled twin (``aiofused._ccore``, mypyc) is the pure core, only faster.
+"""The compiled twin (mypyc) of the core and the Ring is the pure code, only faster.
 
 * Both cores run the same seeded random batches (``twin_trace``) and must produce the
   same trace, event for event.
@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import pytest
@@ -57,27 +58,39 @@ def _python(code: str, core: str, path: Path | None = None) -> str:
     return proc.stdout.strip()
 
 
+def _compiled(module: str) -> bool:
+    return sys.modules[module].__file__.endswith(tuple(EXTENSION_SUFFIXES))  # type: ignore[union-attr]
+
+
 def test_the_choice_is_reported() -> None:
     assert aiofused.CORE in ("compiled", "pure")
-    ring_module = sys.modules["aiofused._core.ring"]
-    compiled = ring_module.__name__ == "aiofused._ccore.ring"
-    assert compiled == (aiofused.CORE == "compiled"), aiofused.CORE_REASON
+    compiled = aiofused.CORE == "compiled"
+    for name in ("aiofused._core.ring", "aiofused._core.records", "aiofused._runtime.ring"):
+        assert _compiled(name) == compiled, (name, aiofused.CORE_REASON)
     if BUILT and not os.environ.get("AIOFUSED_NO_EXTENSIONS"):
         assert aiofused.CORE == "compiled", aiofused.CORE_REASON
 
 
+#: Prints the core, then whether the core's ring and the Ring came from extensions.
+PROBE = (
+    "import aiofused, aiofused._core.ring as r, aiofused._runtime.ring as rr; "
+    "print(aiofused.CORE, r.__file__.endswith('.so'), rr.__file__.endswith('.so')); "
+    "print(aiofused.CORE_REASON)"
+)
+
+
 def test_no_extensions_runs_the_pure_core() -> None:
-    out = _python(
-        "import aiofused, aiofused._core.ring as r; print(aiofused.CORE, r.__name__)", "pure"
-    )
-    assert out == "pure aiofused._core.ring"
+    assert _python(PROBE, "pure").splitlines() == [
+        "pure False False",
+        "AIOFUSED_NO_EXTENSIONS is set",
+    ]
 
 
 def _copy_package(dest: Path) -> None:
     """Copy the installed aiofused (with its twin) to ``dest``."""
     pkg = Path(aiofused.__file__).resolve().parent
     shutil.copytree(pkg, dest / "aiofused", ignore=shutil.ignore_patterns("__pycache__"))
-    for lib in pkg.parent.glob("aiofused_ccore__mypyc*"):
+    for lib in pkg.parent.glob("aiofused_twin__mypyc*"):
         shutil.copy2(lib, dest / lib.name)
 
 
@@ -86,16 +99,12 @@ def test_a_twin_built_from_other_sources_is_not_used(tmp_path: Path) -> None:
     """An edited core that was not rebuilt runs pure: the twin never stands in for code
     it was not compiled from."""
     _copy_package(tmp_path)
-    code = (
-        "import aiofused, aiofused._core.ring as r; "
-        f"print(aiofused.CORE, r.__name__, r.__file__.startswith({str(tmp_path)!r}))"
-    )
-    assert _python(code, "compiled", tmp_path) == "compiled aiofused._ccore.ring True"
-    ring = tmp_path / "aiofused" / "_core" / "ring.py"
+    assert _python(PROBE, "compiled", tmp_path).splitlines()[0] == "compiled True True"
+    ring = tmp_path / "aiofused" / "_runtime" / "ring.py"
     ring.write_text(ring.read_text() + "\n# an edit\n")
-    out = _python(code + "; print(aiofused.CORE_REASON)", "compiled", tmp_path)
-    assert out.splitlines()[0] == "pure aiofused._core.ring True"
-    assert "other sources" in out.splitlines()[1]
+    out = _python(PROBE, "compiled", tmp_path).splitlines()
+    assert out[0] == "pure False False"  # the core too: never half of each
+    assert "other sources" in out[1]
 
 
 @needs_twin
@@ -103,16 +112,10 @@ def test_a_partial_twin_is_not_used(tmp_path: Path) -> None:
     """A build that compiled some modules only (a compiler that failed half-way) leaves
     the pure core running, not an import error."""
     _copy_package(tmp_path)
-    for ext in (tmp_path / "aiofused" / "_ccore").glob("ring.*"):
+    for ext in (tmp_path / "aiofused" / "_core").glob("ring.*.so"):
         ext.unlink()
-    out = _python(
-        "import aiofused, aiofused._core.ring as r; "
-        "print(aiofused.CORE, r.__name__); print(aiofused.CORE_REASON)",
-        "compiled",
-        tmp_path,
-    )
-    assert out.splitlines()[0] == "pure aiofused._core.ring"
-    assert "incomplete" in out.splitlines()[1]
+    out = _python(PROBE, "compiled", tmp_path).splitlines()
+    assert out == ["pure False False", "the compiled core is not built"]
 
 
 @needs_twin

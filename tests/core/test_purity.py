@@ -116,6 +116,7 @@ def test_core_imports_statically_stay_pure() -> None:
 SCRIPT = textwrap.dedent(
     """
     import sys, types
+    import importlib.util  # the harness's own (contextlib needs os), before the poisoning
     pkg_dir, tests_dir, poisoned, pre, core_modules = sys.argv[1:6]
     poisoned, pre, core_modules = poisoned.split(","), pre.split(","), core_modules.split(",")
     for name in pre:
@@ -140,8 +141,18 @@ SCRIPT = textwrap.dedent(
     bare = types.ModuleType("aiofused")
     bare.__path__ = [pkg_dir]
     sys.modules["aiofused"] = bare
+
+    class Sources:  # the core's sources, not a compiled twin built beside them
+        def find_spec(self, name, path, target=None):
+            if name.startswith("aiofused._core."):
+                file = pkg_dir + "/_core/" + name.rpartition(".")[2] + ".py"
+                return importlib.util.spec_from_file_location(name, file)
+            return None
+
+    sys.meta_path.insert(0, Sources())
     for m in core_modules:
         __import__("aiofused._core." + m)
+        assert sys.modules["aiofused._core." + m].__file__.endswith(".py"), m
     sys.path.insert(0, tests_dir)
     from recording_port import LendingDriver, make_core, sqe
     from aiofused._core.records import DriverFile

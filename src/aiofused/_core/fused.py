@@ -27,8 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mypy_extensions import mypyc_attr
-
 from aiofused._abi import (
     EALREADY,
     EBADF,
@@ -70,7 +68,6 @@ def _ignore(res: int) -> None:
     pass
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # RingCore's base: see RingCore
 class FusedCommands:
     """The fused half of :class:`~aiofused._core.ring.RingCore` (a mixin over the same state)."""
 

@@ -44,8 +44,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mypy_extensions import mypyc_attr
-
 from aiofused._abi import (
     EALREADY,
     EBADF,
@@ -139,7 +137,6 @@ def _ignore(res: int) -> None:
     pass
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # the compiled twin: Ring subclasses it
 class RingCore(FusedCommands):
     """The ring's state machine; :class:`aiofused.Ring` is its runtime (and its port)."""
 

@@ -72,7 +72,7 @@ class FusedScope:
     """Async context manager returned by :meth:`Ring.fused`."""
 
     def __init__(
-        self, ring: Ring, driver_file: DriverFile, cmd_op: int, cmd: bytes, buf_dir: BufDir
+        self, ring: Ring, driver_file: DriverFile | int, cmd_op: int, cmd: bytes, buf_dir: BufDir
     ) -> None:
         self.ring = ring
         self.driver_file = driver_file

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from aiofused._abi import EBUSY, EINVAL, EIO, EIOCBQUEUED, ENXIO, BufDir, Op, SetupFlag
 from aiofused._buffers import BufferPool
@@ -25,6 +24,7 @@ from aiofused._driver import Driver, load_driver
 from aiofused._errors import DriverError, RingClosedError, res_to_error
 from aiofused._log import get_logger
 from aiofused._runtime.lease import FusedScope
+from aiofused._runtime.live import register
 from aiofused.backends._base import Backend, select_backend
 
 __all__ = ["Ring"]
@@ -40,9 +40,6 @@ class Ring(RingCore):
     ``"uring"``, ``"asyncio"`` or a :class:`~aiofused.backend.Backend` instance on the
     running loop (tests: ``aiofused.testing.fake``).  Use it as ``async with Ring(...)``.
     """
-
-    #: Every ring alive (the pytest plugin's leak check reads their statistics).
-    _instances: ClassVar[weakref.WeakSet[Ring]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -77,7 +74,7 @@ class Ring(RingCore):
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._owned_drivers: list[Driver] = []
         self._closed = False
-        Ring._instances.add(self)
+        self._live_token = register(self)  # the pytest plugin's leak check finds it
 
     # ---- public surface ----------------------------------------------------------------
 
@@ -186,7 +183,11 @@ class Ring(RingCore):
         self.reg_kernel = False
 
     def fused(
-        self, driver_file: DriverFile, cmd_op: int, cmd: bytes = b"", buf_dir: BufDir = BufDir.DEST
+        self,
+        driver_file: DriverFile | int,
+        cmd_op: int,
+        cmd: bytes = b"",
+        buf_dir: BufDir = BufDir.DEST,
     ) -> FusedScope:
         """High-level fused primary as an async context manager (SPEC §5)."""
         return FusedScope(self, driver_file, cmd_op, cmd, buf_dir)
@@ -195,7 +196,7 @@ class Ring(RingCore):
 
     def open_fused(
         self,
-        driver_file: DriverFile,
+        driver_file: DriverFile | int,
         cmd_op: int,
         *,
         cmd: bytes = b"",
@@ -205,6 +206,8 @@ class Ring(RingCore):
     ) -> Req:
         """Submit a fused primary that stays open for secondaries, driven by callbacks:
         the low-level twin of :meth:`fused`, with no task, future or object per command.
+        A ``driver_file`` that names no driver (a plain fd) completes as the kernel's
+        answers it (-EBADF, -EOPNOTSUPP).
 
         ``on_lent(cmd, nbytes)`` runs when the driver lends its buffer (``cmd`` is what
         this returns); secondaries then start with :meth:`fused_secondary`, and

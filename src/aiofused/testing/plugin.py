@@ -60,20 +60,27 @@ def _leaking(ring: Ring) -> dict[str, int | str] | None:
 
 def find_leaks(exclude: Any = ()) -> list[tuple[Ring, dict[str, int | str]]]:
     """Live rings with a request in flight, a buffer lent or a view alive, and their
-    ``statistics()``; the rings in ``exclude`` are not looked at.  Cheap: no GC."""
+    ``statistics()``; the rings in ``exclude`` (or their :func:`~aiofused._runtime.live.token`)
+    are not looked at.  Cheap: no GC."""
     import sys
 
-    mod = sys.modules.get("aiofused")
-    if mod is None:  # aiofused never imported: no ring can exist
+    live = sys.modules.get("aiofused._runtime.live")
+    if live is None:  # aiofused never imported: no ring can exist
         return []
     found = []
-    for ring in list(mod.Ring._instances):
-        if ring in exclude:
+    for ring in live.live_rings():
+        if ring in exclude or live.token(ring) in exclude:
             continue
         stats = _leaking(ring)
         if stats is not None:
             found.append((ring, stats))
     return found
+
+
+def _token(ring: Ring) -> object:
+    from aiofused._runtime.live import token
+
+    return token(ring)
 
 
 def _describe(leaks: list[tuple[Ring, dict[str, int | str]]]) -> str:
@@ -175,7 +182,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     if uses_plugin(item):
         # Rings that already leak (a session-scoped fixture, a test run before that
         # failed) are not this test's doing.
-        item.stash[_before_key] = weakref.WeakSet(ring for ring, _ in find_leaks())
+        # (Held by their tokens: a compiled Ring takes no weak reference.)
+        item.stash[_before_key] = weakref.WeakSet(_token(ring) for ring, _ in find_leaks())
     return (yield)
 
 
@@ -195,7 +203,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
         leaks = find_leaks(skip)
         if leaks:
             for ring, _ in leaks:
-                reported.add(ring)
+                reported.add(_token(ring))
             pytest.fail(f"LeakError: {item.nodeid} leaked: {_describe(leaks)}", pytrace=False)
     return result
 
