@@ -1,7 +1,8 @@
 """Which core this process runs: the compiled twin, or the pure-Python reference.
 
-``aiofused._core`` (and the ``Ring``, its subclass) is the readable reference.  Where
-the build could, ``setup.py`` compiled those same modules with mypyc: each has an
+``aiofused._core`` (with the ``Ring``, its subclass, and the null and relay drivers) is
+the readable reference.  Where the build could, ``setup.py`` compiled those same modules
+with mypyc: each has an
 extension module beside its source, which Python's import system prefers, and
 ``aiofused._core._stamp`` holds the SHA-256 of the sources compiled.  :func:`select`
 (run when ``import aiofused`` imports this module, first) lets the extensions load only
@@ -30,19 +31,23 @@ from typing import Final
 
 __all__ = ["CORE", "REASON", "SOURCES", "built", "select", "source_sha"]
 
-#: The compiled modules' sources under aiofused, as setup.py hashes them (keep in step).
+#: The compiled modules' sources under the installation's root (``src/`` here), as
+#: setup.py hashes them (keep in step).
 SOURCES: Final = (
-    "_core/fused.py",
-    "_core/opdef.py",
-    "_core/records.py",
-    "_core/ring.py",
-    "_core/sqe.py",
-    "_runtime/ring.py",
+    "aiofused/_core/fused.py",
+    "aiofused/_core/opdef.py",
+    "aiofused/_core/records.py",
+    "aiofused/_core/ring.py",
+    "aiofused/_core/sqe.py",
+    "aiofused/_runtime/ring.py",
+    "aiofused_drivers/null.py",
+    "aiofused_drivers/relay/__init__.py",
 )
-_PKG: Final = Path(__file__).resolve().parent
+_ROOT: Final = Path(__file__).resolve().parent.parent
 #: Module name -> its source file, for every module the twin compiles.
 _MODULES: Final = {
-    "aiofused." + path.removesuffix(".py").replace("/", "."): _PKG / path for path in SOURCES
+    path.removesuffix(".py").removesuffix("/__init__").replace("/", "."): _ROOT / path
+    for path in SOURCES
 }
 _STAMP: Final = "aiofused._core._stamp"
 
@@ -51,7 +56,7 @@ def source_sha() -> str:
     """SHA-256 of the twin's sources as installed, as ``setup.py`` stamps the twin."""
     h = hashlib.sha256()
     for path in SOURCES:
-        h.update(path.encode() + b"\0" + (_PKG / path).read_bytes() + b"\0")
+        h.update(path.encode() + b"\0" + (_ROOT / path).read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -65,7 +70,8 @@ def _extension(source: Path) -> bool:
 
 def built() -> bool:
     """True if the whole twin is installed (whether or not this process runs it)."""
-    return _extension(_PKG / "_core" / "_stamp.py") and all(map(_extension, _MODULES.values()))
+    stamp = _ROOT / "aiofused" / "_core" / "_stamp.py"
+    return _extension(stamp) and all(map(_extension, _MODULES.values()))
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
@@ -77,6 +83,10 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         source = _MODULES.get(fullname)
         if source is None:
             return None
+        if source.name == "__init__.py":  # a package: its submodules stay findable
+            return importlib.util.spec_from_file_location(
+                fullname, source, submodule_search_locations=[str(source.parent)]
+            )
         return importlib.util.spec_from_file_location(fullname, source)
 
 

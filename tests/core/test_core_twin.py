@@ -2,8 +2,9 @@
 
 * Both cores run the same seeded random batches (``twin_trace``) and must produce the
   same trace, event for event.
-* The core and ring test layers pass on the other core too (this run covers the one
-  ``import aiofused`` picked; a child pytest covers the other).
+* The core and ring test layers, and the relay driver's tests, pass on the other core
+  too (this run covers the one ``import aiofused`` picked; a child pytest covers the
+  other).
 * The choice is honest: ``AIOFUSED_NO_EXTENSIONS=1`` runs the pure core, and a twin
   built from other sources than the installed core is never used.
 
@@ -89,7 +90,10 @@ def test_no_extensions_runs_the_pure_core() -> None:
 def _copy_package(dest: Path) -> None:
     """Copy the installed aiofused (with its twin) to ``dest``."""
     pkg = Path(aiofused.__file__).resolve().parent
-    shutil.copytree(pkg, dest / "aiofused", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("aiofused", "aiofused_drivers"):
+        shutil.copytree(
+            pkg.parent / name, dest / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for lib in pkg.parent.glob("aiofused_twin__mypyc*"):
         shutil.copy2(lib, dest / lib.name)
 
@@ -143,7 +147,7 @@ def test_both_cores_give_the_same_trace() -> None:
 
 
 @needs_twin
-def test_the_core_and_ring_tests_pass_on_the_other_core() -> None:
+def test_the_core_ring_and_relay_tests_pass_on_the_other_core() -> None:
     other = "pure" if aiofused.CORE == "compiled" else "compiled"
     proc = subprocess.run(
         [
@@ -155,6 +159,8 @@ def test_the_core_and_ring_tests_pass_on_the_other_core() -> None:
             "no:cacheprovider",
             "tests/core",
             "tests/ring",
+            "tests/drivers/test_relay_driver.py",
+            "tests/drivers/test_relay_pipe.py",
             "--ignore=tests/core/test_core_twin.py",
         ],
         env=_env(other),
