@@ -1,8 +1,9 @@
 """Build the optional compiled twin of the core, the Ring and the hot drivers (mypyc).
 
-The modules in :data:`SOURCES` are the readable reference and always installed.  When it can, the build also compiles those very modules with mypyc:
-each gets an extension module beside its source (which Python imports first), plus a
-stamp holding the SHA-256 of the sources compiled.  At run time ``aiofused._twin`` lets
+The modules in :data:`SOURCES` are the readable reference and always installed.  When it
+can, the build also compiles those very modules with mypyc: each gets an extension
+module beside its source (which Python imports first), plus a stamp holding the SHA-256
+of the sources compiled.  At run time ``aiofused._twin`` lets
 the extensions load only if they are all there and were built from exactly the
 installed sources, and unless ``AIOFUSED_NO_EXTENSIONS=1``; otherwise it imports the
 sources.  Nothing here is required: without mypyc or a C compiler, or with
@@ -12,6 +13,7 @@ aiohttp build their optional C modules).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import sys
@@ -26,7 +28,9 @@ SRC = ROOT / "src"
 #: What the twin compiles, under src/, in the order the stamp hashes them; keep in step
 #: with ``aiofused._twin.SOURCES``.  The Ring is compiled with the core because it
 #: subclasses RingCore (an interpreted subclass would reach every method through Python);
-#: the null and relay drivers because the benchmarks and the proxy run on them.
+#: the null and relay drivers and the ublk server because the benchmarks, the proxy and
+#: ``nbd serve`` run on them (not UblkDriver or the targets: users subclass those, and an
+#: interpreted subclass cannot inherit from a compiled class).
 SOURCES = (
     "aiofused/_core/fused.py",
     "aiofused/_core/opdef.py",
@@ -36,6 +40,7 @@ SOURCES = (
     "aiofused/_runtime/ring.py",
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
+    "aiofused_drivers/ublk/_server.py",
 )
 STAMP = SRC / "aiofused" / "_core" / "_stamp.py"
 
@@ -71,8 +76,30 @@ class OptionalBuildExt(build_ext):
             sys.stderr.write(f"aiofused: compiled core not built ({exc}); using the pure core\n")
 
 
+def slotted_dataclasses() -> list[str]:
+    """``path:line`` of each ``dataclass(slots=True)`` in the sources: mypyc compiles one
+    without a word, but the decorator replaces the native class it made, and the
+    compiled code then reads the wrong layout (a segfault, not an error)."""
+    found = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse((SRC / path).read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and any(
+                    kw.arg == "slots" and isinstance(kw.value, ast.Constant) and kw.value.value
+                    for kw in dec.keywords
+                ):
+                    found.append(f"{path}:{node.lineno}")
+    return found
+
+
 def twin_extensions() -> list[Any]:
     if os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0"):
+        return []
+    unsafe = slotted_dataclasses()
+    if unsafe:
+        sys.stderr.write(f"aiofused: slotted dataclasses in {unsafe}; using the pure core\n")
         return []
     try:
         from mypyc.build import mypycify

@@ -9,8 +9,8 @@ extension module beside its source, which Python's import system prefers, and
 if every one is there and they were built from exactly the installed sources, and
 unless ``AIOFUSED_NO_EXTENSIONS`` is set (to anything but ``0``); otherwise a finder at
 the head of ``sys.meta_path`` imports those modules from their sources, all of them, so
-a process never mixes the two.  An edited checkout that was not rebuilt runs pure, with
-a warning.
+a process never mixes the two.  An edited checkout that was not rebuilt runs pure
+(``aiofused info`` says why).
 
 :data:`CORE` names the core that runs (``"compiled"`` or ``"pure"``), :data:`REASON` why.
 """
@@ -42,6 +42,7 @@ SOURCES: Final = (
     "aiofused/_runtime/ring.py",
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
+    "aiofused_drivers/ublk/_server.py",
 )
 _ROOT: Final = Path(__file__).resolve().parent.parent
 #: Module name -> its source file, for every module the twin compiles.
@@ -105,9 +106,7 @@ def _pick() -> tuple[str, str]:
         return "pure", "the compiled core is not built"
     stamp = importlib.import_module(_STAMP)
     if getattr(stamp, "SOURCE_SHA", None) != source_sha():
-        from aiofused._log import get_logger
-
-        get_logger("aiofused").warning("compiled_core_stale", using="pure")
+        # Said by REASON (``aiofused info``), not logged: an import writes nothing.
         return "pure", "the compiled core was built from other sources: rebuild it"
     return "compiled", "mypyc twin of aiofused._core and the Ring"
 

@@ -14,6 +14,7 @@ it skip, saying so; the choice tests still run.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -78,6 +79,21 @@ PROBE = (
     "print(aiofused.CORE, r.__file__.endswith('.so'), rr.__file__.endswith('.so')); "
     "print(aiofused.CORE_REASON)"
 )
+
+
+def test_setup_compiles_what_the_selector_checks() -> None:
+    """setup.py and aiofused._twin name the same sources in the same order (else the
+    stamp never matches, or a module would be checked that was never built)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    sources = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "SOURCES" for t in node.targets)
+    )
+    assert ast.literal_eval(sources) == _twin.SOURCES
+    for path in _twin.SOURCES:
+        assert (ROOT / "src" / path).is_file(), path
 
 
 def test_no_extensions_runs_the_pure_core() -> None:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import enum
 import errno
 import functools
@@ -177,14 +176,22 @@ class BlockRequest:
         self.lend = buf if lend is None else lend
 
 
-@dataclasses.dataclass(slots=True)
 class IoDesc:
     """``struct ublksrv_io_desc`` of one tag (bytes instead of sectors, see module doc)."""
 
-    op: int = 0
-    flags: int = 0
-    nr_bytes: int = 0
-    start: int = 0
+    __slots__ = ("flags", "nr_bytes", "op", "start")
+
+    def __init__(self, op: int = 0, flags: int = 0, nr_bytes: int = 0, start: int = 0) -> None:
+        self.op = op
+        self.flags = flags
+        self.nr_bytes = nr_bytes
+        self.start = start
+
+    def __repr__(self) -> str:
+        return (
+            f"IoDesc(op={self.op}, flags={self.flags}, nr_bytes={self.nr_bytes}, "
+            f"start={self.start})"
+        )
 
 
 class _Io:

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import functools
 import os
@@ -121,16 +120,35 @@ _OP_READ: Final = Op.READ
 _OP_WRITE: Final = Op.WRITE
 
 
-@dataclasses.dataclass(slots=True)
 class Piece:
     """One secondary: ``nbytes`` at ``file_offset`` of ``fd`` <-> ``at`` in the request
     buffer.  ``label`` is the target's own tag for it (e.g. a replica index)."""
 
-    fd: int
-    file_offset: int
-    at: int
-    nbytes: int
-    label: int = 0
+    __slots__ = ("at", "fd", "file_offset", "label", "nbytes")
+
+    def __init__(self, fd: int, file_offset: int, at: int, nbytes: int, label: int = 0) -> None:
+        self.fd = fd
+        self.file_offset = file_offset
+        self.at = at
+        self.nbytes = nbytes
+        self.label = label
+
+    def _key(self) -> tuple[int, int, int, int, int]:
+        return (self.fd, self.file_offset, self.at, self.nbytes, self.label)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Piece):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Piece(fd={self.fd}, file_offset={self.file_offset}, at={self.at}, "
+            f"nbytes={self.nbytes}, label={self.label})"
+        )
 
 
 class Ctx:

@@ -282,10 +282,10 @@ class NullTarget(Target):
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self._zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
-        self._null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        self._devnull = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
 
     def pieces(self, ctx: Ctx, write: bool) -> list[Piece]:
-        return [Piece(self._null if write else self._zero, 0, 0, ctx.iod.nr_bytes)]
+        return [Piece(self._devnull if write else self._zero, 0, 0, ctx.iod.nr_bytes)]
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
         pass
@@ -295,7 +295,7 @@ class NullTarget(Target):
 
     def close(self) -> None:
         os.close(self._zero)
-        os.close(self._null)
+        os.close(self._devnull)
 
 
 class LoopTarget(Target):
