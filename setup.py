@@ -28,9 +28,9 @@ SRC = ROOT / "src"
 #: What the twin compiles, under src/, in the order the stamp hashes them; keep in step
 #: with ``aiofused._twin.SOURCES``.  The Ring is compiled with the core because it
 #: subclasses RingCore (an interpreted subclass would reach every method through Python);
-#: the null and relay drivers and the ublk server because the benchmarks, the proxy and
-#: ``nbd serve`` run on them (not UblkDriver or the targets: users subclass those, and an
-#: interpreted subclass cannot inherit from a compiled class).
+#: the null and relay drivers and the ublk and NBD servers because the benchmarks, the
+#: proxy and ``nbd serve`` run on them (not UblkDriver or the targets: users subclass
+#: those, and an interpreted subclass cannot inherit from a compiled class).
 SOURCES = (
     "aiofused/_core/fused.py",
     "aiofused/_core/opdef.py",
@@ -40,6 +40,7 @@ SOURCES = (
     "aiofused/_runtime/ring.py",
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
+    "aiofused_drivers/ublk/_nbd.py",
     "aiofused_drivers/ublk/_server.py",
 )
 STAMP = SRC / "aiofused" / "_core" / "_stamp.py"

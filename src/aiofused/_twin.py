@@ -1,16 +1,16 @@
 """Which core this process runs: the compiled twin, or the pure-Python reference.
 
-``aiofused._core`` (with the ``Ring``, its subclass, and the null and relay drivers) is
-the readable reference.  Where the build could, ``setup.py`` compiled those same modules
-with mypyc: each has an
-extension module beside its source, which Python's import system prefers, and
-``aiofused._core._stamp`` holds the SHA-256 of the sources compiled.  :func:`select`
-(run when ``import aiofused`` imports this module, first) lets the extensions load only
-if every one is there and they were built from exactly the installed sources, and
-unless ``AIOFUSED_NO_EXTENSIONS`` is set (to anything but ``0``); otherwise a finder at
-the head of ``sys.meta_path`` imports those modules from their sources, all of them, so
-a process never mixes the two.  An edited checkout that was not rebuilt runs pure
-(``aiofused info`` says why).
+The modules in :data:`SOURCES` (the core, the ``Ring`` that subclasses it, the null and
+relay drivers, the ublk and NBD servers) are the readable reference.  Where the build could,
+``setup.py`` compiled those same modules with mypyc: each has an extension module beside
+its source, which Python's import system prefers, and ``aiofused._core._stamp`` holds
+the SHA-256 of the sources compiled.  :func:`select` (run when ``import aiofused``
+imports this module, first) lets the extensions load only if every one is there and
+they were built from exactly the installed sources, and unless
+``AIOFUSED_NO_EXTENSIONS`` is set (to anything but ``0``); otherwise a finder at the
+head of ``sys.meta_path`` imports all of those modules from their sources, so a process
+never mixes the two.  An edited checkout that was not rebuilt runs pure (``aiofused
+info`` says why).
 
 :data:`CORE` names the core that runs (``"compiled"`` or ``"pure"``), :data:`REASON` why.
 """
@@ -42,6 +42,7 @@ SOURCES: Final = (
     "aiofused/_runtime/ring.py",
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
+    "aiofused_drivers/ublk/_nbd.py",
     "aiofused_drivers/ublk/_server.py",
 )
 _ROOT: Final = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def _pick() -> tuple[str, str]:
     if getattr(stamp, "SOURCE_SHA", None) != source_sha():
         # Said by REASON (``aiofused info``), not logged: an import writes nothing.
         return "pure", "the compiled core was built from other sources: rebuild it"
-    return "compiled", "mypyc twin of aiofused._core and the Ring"
+    return "compiled", "the mypyc twin of the core, the Ring and the hot driver paths"
 
 
 def _is_extension(module: ModuleType) -> bool:

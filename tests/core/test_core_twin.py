@@ -2,9 +2,9 @@
 
 * Both cores run the same seeded random batches (``twin_trace``) and must produce the
   same trace, event for event.
-* The core and ring test layers, and the relay driver's and the ublk server's tests,
-  pass on the other core too (this run covers the one ``import aiofused`` picked; a child pytest covers the
-  other).
+* The core and ring test layers, and the relay driver's, the ublk server's and the NBD
+  server's tests, pass on the other core too (this run covers the one ``import aiofused``
+  picked; a child pytest covers the other).
 * The choice is honest: ``AIOFUSED_NO_EXTENSIONS=1`` runs the pure core, and a twin
   built from other sources than the installed core is never used.
 
@@ -179,6 +179,7 @@ def test_the_core_ring_and_driver_tests_pass_on_the_other_core() -> None:
             "tests/drivers/test_relay_pipe.py",
             "tests/drivers/test_ublk_device.py",
             "tests/drivers/test_ublk_batch.py",
+            "tests/drivers/test_nbd_bounds.py",
             "--ignore=tests/core/test_core_twin.py",
         ],
         env=_env(other),

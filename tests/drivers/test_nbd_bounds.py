@@ -194,7 +194,7 @@ async def test_accept_survives_a_failing_connection(
 ) -> None:
     """A connection whose setup fails with MemoryError (what reaching vm.max_map_count
     did) is dropped; the accept loop lives and the next client is served."""
-    real = nbd_mod.Connection
+    real = srv.service.nbd.connection_class
     failures = []
 
     def failing(*args: object) -> object:
@@ -203,7 +203,7 @@ async def test_accept_survives_a_failing_connection(
             raise MemoryError
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(nbd_mod, "Connection", failing)
+    monkeypatch.setattr(srv.service.nbd, "connection_class", failing)
     dropped = await RawClient.connect(srv.sock_path)
     try:
         assert await dropped.at_eof()

@@ -166,6 +166,10 @@ class NbdServer:
         #: its request buffer: room for whole replies saves partial sends and wakeups.
         self.socket_buffer = socket_buffer
         self.connections: set[Connection] = set()
+        #: What serves each accepted socket: ``connection_class(server, sock, id, peer)``.
+        self.connection_class: Callable[[NbdServer, socket.socket, int, Any], Connection] = (
+            Connection
+        )
         self._listeners: list[socket.socket] = []
         self._accept_tasks: set[asyncio.Task[None]] = set()
         self._channel: socket.socket | None = None
@@ -260,7 +264,7 @@ class NbdServer:
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
         """Start serving ``sock``; a failure here drops that connection only."""
         try:
-            conn = Connection(self, sock, next(self._ids), peer)
+            conn = self.connection_class(self, sock, next(self._ids), peer)
             task = asyncio.create_task(conn.run(), name=f"nbd-conn-{conn.id}")
         except Exception as e:
             log.error("nbd.connection_failed", error=str(e) or type(e).__name__)
