@@ -206,8 +206,8 @@ class Ring(RingCore):
     ) -> Req:
         """Submit a fused primary that stays open for secondaries, driven by callbacks:
         the low-level twin of :meth:`fused`, with no task, future or object per command.
-        A ``driver_file`` that names no driver (a plain fd) completes as the kernel's
-        answers it (-EBADF, -EOPNOTSUPP).
+        A ``driver_file`` that names no driver (a plain fd) completes with what the
+        kernel answers for it (-EBADF, -EOPNOTSUPP).
 
         ``on_lent(cmd, nbytes)`` runs when the driver lends its buffer (``cmd`` is what
         this returns); secondaries then start with :meth:`fused_secondary`, and
