@@ -25,24 +25,22 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src"
-#: What the twin compiles, under src/, in the order the stamp hashes them; keep in step
-#: with ``aiofused._twin.SOURCES``.  The Ring is compiled with the core because it
-#: subclasses RingCore (an interpreted subclass would reach every method through Python);
-#: the null and relay drivers and the ublk and NBD servers because the benchmarks, the
-#: proxy and ``nbd serve`` run on them (not UblkDriver or the targets: users subclass
-#: those, and an interpreted subclass cannot inherit from a compiled class).
-SOURCES = (
-    "aiofused/_core/fused.py",
-    "aiofused/_core/opdef.py",
-    "aiofused/_core/records.py",
-    "aiofused/_core/ring.py",
-    "aiofused/_core/sqe.py",
-    "aiofused/_runtime/ring.py",
-    "aiofused_drivers/null.py",
-    "aiofused_drivers/relay/__init__.py",
-    "aiofused_drivers/ublk/_nbd.py",
-    "aiofused_drivers/ublk/_server.py",
-)
+
+
+def _twin_sources() -> tuple[str, ...]:
+    """``aiofused._twin.SOURCES``, read from its source (the package cannot be imported
+    here: the build environment has none of its dependencies)."""
+    tree = ast.parse((SRC / "aiofused" / "_twin.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "SOURCES":
+            assert node.value is not None
+            value: tuple[str, ...] = ast.literal_eval(node.value)
+            return value
+    raise RuntimeError("aiofused/_twin.py defines no SOURCES")
+
+
+#: What the twin compiles, under src/, in the order the stamp hashes them.
+SOURCES = _twin_sources()
 STAMP = SRC / "aiofused" / "_core" / "_stamp.py"
 
 

@@ -31,8 +31,13 @@ from typing import Final
 
 __all__ = ["CORE", "REASON", "SOURCES", "built", "select", "source_sha"]
 
-#: The compiled modules' sources under the installation's root (``src/`` here), as
-#: setup.py hashes them (keep in step).
+#: The compiled modules' sources under the installation's root (``src/`` here), in the
+#: order the stamp hashes them; setup.py compiles this list.  The Ring is compiled with
+#: the core because it subclasses RingCore (an interpreted subclass would reach every
+#: method through Python); the null and relay drivers and the ublk and NBD servers
+#: because the benchmarks, the proxy and ``nbd serve`` run on them.  Not UblkDriver or
+#: the targets: users subclass those, and an interpreted class cannot inherit from a
+#: compiled one.
 SOURCES: Final = (
     "aiofused/_core/fused.py",
     "aiofused/_core/opdef.py",

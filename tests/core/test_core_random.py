@@ -180,6 +180,30 @@ class Model:
 # ---- running it ---------------------------------------------------------------------
 
 
+def lending_drivers(core: RingCore, port: RecordingPort) -> dict[str, DriverFile]:
+    """One LendingDriver per DRIVER_RES mode, registered in ``core``."""
+    drivers = {}
+    for mode, res in DRIVER_RES.items():
+        drv = LendingDriver(result=res)
+        drv.port = port
+        drivers[mode] = DriverFile(drv, core.add_file(drv), core.id)
+    return drivers
+
+
+def number(batches: list[list[Item]]) -> dict[int, int]:
+    """Give every item and secondary its user_data (from 1, in order); return the result
+    each READ and secondary completes with, by user_data."""
+    ud = 1
+    for batch in batches:
+        for it in batch:
+            it.ud, ud = ud, ud + 1
+            for s in it.secs:
+                s.ud, ud = ud, ud + 1
+    results = {it.ud: it.res() for b in batches for it in b if it.kind == "read"}
+    results |= {s.ud: s.res() for b in batches for it in b for s in it.secs}
+    return results
+
+
 def prep(core: RingCore, it: Item, drivers: dict[str, Any]) -> None:
     s = core.get_sqe()
     assert s is not None
@@ -216,19 +240,8 @@ def span(events: list[tuple[Any, ...]], uds: set[int]) -> tuple[int, int] | None
 @given(batches=batches_st, data=st.data())
 def test_random_scheduling_follows_the_model(batches: list[list[Item]], data: Any) -> None:
     core, port = make_core(entries=64)
-    drivers = {}
-    for mode, res in DRIVER_RES.items():
-        drv = LendingDriver(result=res)
-        drv.port = port
-        drivers[mode] = DriverFile(drv, core.add_file(drv), core.id)
-    ud = 1
-    for batch in batches:
-        for it in batch:
-            it.ud, ud = ud, ud + 1
-            for s in it.secs:
-                s.ud, ud = ud, ud + 1
-    results = {it.ud: it.res() for b in batches for it in b if it.kind == "read"}
-    results |= {s.ud: s.res() for b in batches for it in b for s in it.secs}
+    drivers = lending_drivers(core, port)
+    results = number(batches)
 
     model = Model()
     for batch in batches:

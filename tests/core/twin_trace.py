@@ -19,11 +19,10 @@ import random
 import sys
 from typing import Any
 
-from recording_port import DRAIN, HARD, LINK, SKIP, LendingDriver, make_core
-from test_core_random import DRIVER_RES, Item, Sec, prep
+from recording_port import DRAIN, HARD, LINK, SKIP, make_core
+from test_core_random import Item, Sec, lending_drivers, number, prep
 
 import aiofused
-from aiofused._core.records import DriverFile
 from aiofused._core.ring import RingCore
 
 FLAGS = [0, 0, 0, LINK, LINK, LINK | SKIP, HARD, HARD | SKIP, SKIP, DRAIN]
@@ -49,20 +48,10 @@ def draw_item(rng: random.Random) -> Item:
 def run(seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     core, port = make_core(entries=64)
-    drivers = {}
-    for mode, res in DRIVER_RES.items():
-        drv = LendingDriver(result=res)
-        drv.port = port
-        drivers[mode] = DriverFile(drv, core.add_file(drv), core.id)
+    drivers = lending_drivers(core, port)
     batches = [[draw_item(rng) for _ in range(rng.randint(1, 8))] for _ in range(rng.randint(1, 4))]
-    ud = 1
-    for batch in batches:
-        for it in batch:
-            it.ud, ud = ud, ud + 1
-            for s in it.secs:
-                s.ud, ud = ud, ud + 1
-    results = {it.ud: it.res() for b in batches for it in b if it.kind == "read"}
-    results |= {s.ud: s.res() for b in batches for it in b for s in it.secs}
+    results = number(batches)
+    ud = 1 + sum(1 + len(it.secs) for b in batches for it in b)  # the next free user_data
     cancel_ud = 10_000
     todo = list(batches)
     while True:
