@@ -34,8 +34,10 @@ __all__ = ["CORE", "REASON", "SOURCES", "built", "select", "source_sha"]
 #: The compiled modules' sources under the installation's root (``src/`` here), in the
 #: order the stamp hashes them; setup.py compiles this list.  The Ring is compiled with
 #: the core because it subclasses RingCore (an interpreted subclass would reach every
-#: method through Python); the null and relay drivers and the ublk and NBD servers
-#: because the benchmarks, the proxy and ``nbd serve`` run on them.  Not UblkDriver or
+#: method through Python); the uring backend because every kernel op goes through it
+#: (its ctypes structures and buffer exports stay interpreted, in ``aiofused._abi``);
+#: the null and relay drivers and the ublk and NBD servers because the benchmarks,
+#: the proxy and ``nbd serve`` run on them.  Not UblkDriver or
 #: the targets: users subclass those, and an interpreted class cannot inherit from a
 #: compiled one.
 SOURCES: Final = (
@@ -45,6 +47,7 @@ SOURCES: Final = (
     "aiofused/_core/ring.py",
     "aiofused/_core/sqe.py",
     "aiofused/_runtime/ring.py",
+    "aiofused/backends/_uring.py",
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
     "aiofused_drivers/ublk/_nbd.py",

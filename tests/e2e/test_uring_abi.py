@@ -196,6 +196,20 @@ def test_syscall_errors() -> None:
     assert abi.io_uring_enter_raw(2**31 - 1, 0, 0, 0) in (-errno.EBADF, -errno.ENOSYS)
 
 
+def test_register_takes_the_object_never_an_address(
+    kernel_ring: tuple[int, abi.io_uring_params],
+) -> None:
+    """io_uring_register holds its argument for the whole syscall: it takes the ctypes
+    object (compiled callers drop a local after its last use, so an address taken
+    before the call could point at freed memory during it) and refuses a bare int."""
+    fd, _ = kernel_ring
+    with pytest.raises(TypeError):
+        abi.io_uring_register(fd, abi.IORING_REGISTER_PROBE, 4096, 1)  # type: ignore[arg-type]
+    probe = abi.io_uring_probe()
+    abi.io_uring_register(fd, abi.IORING_REGISTER_PROBE, probe, abi.PROBE_OPS)
+    assert probe.ops_len > int(abi.Op.READ)  # the kernel wrote into this very object
+
+
 def test_full_barrier_is_callable() -> None:
     abi.full_barrier()
     abi.full_barrier()

@@ -28,7 +28,7 @@ import platform
 import struct
 import sys
 import threading
-from typing import Final
+from typing import Any, Final, TypeAlias
 
 from aiofused._abi import (  # noqa: F401 - re-exported kernel names
     IORING_ASYNC_CANCEL_ALL,
@@ -308,6 +308,10 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 
+#: What :func:`io_uring_register` takes as its argument: a ctypes object, never an int.
+RegisterArg: TypeAlias = "ctypes.Structure | ctypes.Array[Any] | ctypes.c_int32"
+
+
 def _check(ret: int) -> int:
     if ret < 0:
         err = ctypes.get_errno()
@@ -340,16 +344,22 @@ def io_uring_enter(fd: int, to_submit: int, min_complete: int, flags: int) -> in
     )
 
 
-def io_uring_register(fd: int, opcode: int, arg: int | None, nr_args: int) -> int:
-    """``io_uring_register(2)``; ``arg`` is an address the caller keeps alive."""
-    # Safety: the caller owns the memory at ``arg`` and keeps it alive across the call
-    # (and, for buffers, until the matching unregister).
+def io_uring_register(fd: int, opcode: int, arg: RegisterArg | None, nr_args: int) -> int:
+    """``io_uring_register(2)`` with ``arg``'s address (NULL for None).
+
+    ``arg`` is the ctypes object itself, never its address: this frame holds it for the
+    whole syscall, whoever calls (compiled code drops a local after its last use, so an
+    address taken before the call could point at freed memory during it).
+    """
+    # Safety: arg is referenced by this frame until _syscall returns; the kernel reads
+    # (or, for the probe, writes) it only inside the call.  Memory arg points to (a
+    # buffer's iov_base) is the caller's to keep alive until the matching unregister.
     return _check(
         _syscall(
             ctypes.c_long(NR_io_uring_register),
             ctypes.c_int(fd),
             ctypes.c_uint(opcode),
-            ctypes.c_void_p(arg),
+            ctypes.c_void_p(None) if arg is None else ctypes.byref(arg),
             ctypes.c_uint(nr_args),
         )
     )
@@ -469,7 +479,7 @@ def probe_ops(fd: int) -> frozenset[int]:
     probe = io_uring_probe()
     # Safety: probe is a live ctypes object sized for PROBE_OPS entries; the kernel writes
     # at most nr_args entries into it during the call.
-    io_uring_register(fd, IORING_REGISTER_PROBE, ctypes.addressof(probe), PROBE_OPS)
+    io_uring_register(fd, IORING_REGISTER_PROBE, probe, PROBE_OPS)
     n = min(probe.ops_len, PROBE_OPS)
     return frozenset(
         probe.ops[i].op for i in range(n) if probe.ops[i].flags & IO_URING_OP_SUPPORTED

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from aiofused._abi import IO_FAILED, MSG_TRUNC, MSG_WAITALL, CqeFlag, Op
 from aiofused._abi import uring as abi
+from aiofused._abi.buffer import BufferExport
 from aiofused._core.opdef import DIRECT_OPS, OPDEFS, UringEnc
 from aiofused._errors import BackendUnavailable
 from aiofused._log import get_logger
@@ -185,64 +186,6 @@ _ABANDONED: list[object] = []
 
 
 # ---- buffer exports ----------------------------------------------------------------------
-
-
-class _Py_buffer(ctypes.Structure):
-    """CPython's ``Py_buffer``."""
-
-    _fields_ = (
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    )
-
-
-_PyBUF_SIMPLE: Final = 0
-_PyBUF_WRITABLE: Final = 1
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_Py_buffer), ctypes.c_int)
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = (ctypes.POINTER(_Py_buffer),)
-_release_buffer.restype = None
-
-
-class _Export:
-    """A ``Py_buffer`` export of an object (C-contiguous), held until :meth:`release`.
-
-    Used for read-only views, which ``from_buffer`` refuses, and for registered
-    buffers.  Like any export it pins the exporter: a ``bytearray`` cannot be resized,
-    an ``mmap`` cannot be closed, a ``memoryview`` cannot be released.
-    """
-
-    __slots__ = ("_view", "addr", "nbytes")
-
-    def __init__(self, obj: object, writable: bool) -> None:
-        view = _Py_buffer()
-        # Raises BufferError/TypeError (set by CPython) if obj cannot be exported.
-        _get_buffer(obj, ctypes.byref(view), _PyBUF_WRITABLE if writable else _PyBUF_SIMPLE)
-        self._view: _Py_buffer | None = view
-        # Safety: view.buf stays valid while the export is held (until release()).
-        self.addr: int = view.buf or 0
-        self.nbytes: int = view.len
-
-    def release(self) -> None:
-        view = self._view
-        if view is not None:
-            self._view = None
-            _release_buffer(ctypes.byref(view))
-
-    def __del__(self) -> None:
-        # Reached only if the owner never released it; the kernel is done by then.
-        self.release()
 
 
 _array_types: dict[int, Any] = {}
@@ -416,8 +359,8 @@ class UringBackend(Backend):
         self._closing = False
         self._efd = -1
         self._maps: abi.RingMaps | None = None
-        self._buf_exports: list[_Export] = []
-        self._retired_exports: list[_Export] = []
+        self._buf_exports: list[BufferExport] = []
+        self._retired_exports: list[BufferExport] = []
         try:
             fd, p = _setup(sq_entries, max(cq_entries, sq_entries))
         except OSError as exc:
@@ -435,9 +378,8 @@ class UringBackend(Backend):
             for i in range(p.sq_entries):
                 maps.sq_words[array_word + i] = i
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            efd_arg = ctypes.c_int32(self._efd)
-            # Safety: efd_arg lives across the call; the kernel copies the int.
-            abi.io_uring_register(fd, abi.IORING_REGISTER_EVENTFD, ctypes.addressof(efd_arg), 1)
+            # The kernel copies the int during the call.
+            abi.io_uring_register(fd, abi.IORING_REGISTER_EVENTFD, ctypes.c_int32(self._efd), 1)
         except BaseException:
             self._teardown()
             raise
@@ -662,7 +604,7 @@ class UringBackend(Backend):
                     if flags & _I_DEST:
                         self._fail_soon(rec, _EFAULT)
                         return rec
-                    exp = _Export(buf, writable=False)
+                    exp = BufferExport(buf, writable=False)
                     rec.pin = exp
                     addr = exp.addr
                 else:
@@ -735,10 +677,10 @@ class UringBackend(Backend):
         """
         if self._closing or not buffers:
             return False
-        exports: list[_Export] = []
+        exports: list[BufferExport] = []
         try:
             for b in buffers:
-                exports.append(_Export(b, writable=True))
+                exports.append(BufferExport(b, writable=True))
         except (BufferError, TypeError, ValueError) as exc:
             for e in exports:
                 e.release()
@@ -754,11 +696,9 @@ class UringBackend(Backend):
             self._retired_exports.extend(self._buf_exports)
             self._buf_exports = []
         try:
-            # Safety: iovs lives across the call; each iov_base stays exported in
-            # self._buf_exports until the buffers are unregistered.
-            abi.io_uring_register(
-                self._fd, abi.IORING_REGISTER_BUFFERS, ctypes.addressof(iovs), len(exports)
-            )
+            # Safety: each iov_base stays exported in self._buf_exports until the
+            # buffers are unregistered (the kernel copies the iovecs during the call).
+            abi.io_uring_register(self._fd, abi.IORING_REGISTER_BUFFERS, iovs, len(exports))
         except OSError as exc:
             for e in exports:
                 e.release()
@@ -971,7 +911,7 @@ class UringBackend(Backend):
         pin = rec.pin
         if pin is not None:
             rec.pin = None
-            if type(pin) is _Export:
+            if type(pin) is BufferExport:
                 pin.release()
         rec.op = None
         rec.complete = None
@@ -1078,7 +1018,7 @@ class UringBackend(Backend):
                 pin = rec.pin
                 if pin is not None:
                     rec.pin = None
-                    if type(pin) is _Export:
+                    if type(pin) is BufferExport:
                         pin.release()
                 # Of a plain op's CQE flags only SOCK_NONEMPTY (a RECV that left data
                 # behind) means something to the ring.
