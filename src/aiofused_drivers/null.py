@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any
+from typing import Any, Final
 
 from aiofused import EIOCBQUEUED, UringCmd
 
 __all__ = ["NULL_INLINE", "NULL_LEND", "NULL_QUEUED", "NULL_RESULTS", "NullDriver"]
 
-NULL_LEND = 0
-NULL_INLINE = 1
-NULL_QUEUED = 2
-NULL_RESULTS = 3
+NULL_LEND: Final = 0
+NULL_INLINE: Final = 1
+NULL_QUEUED: Final = 2
+NULL_RESULTS: Final = 3
 
 
 def _packed_result(cmd: bytes) -> int:

@@ -157,6 +157,7 @@ def test_both_cores_give_the_same_trace() -> None:
 
 
 @needs_twin
+@pytest.mark.timeout(660)  # a child pytest of ~450 tests (its own limit: 600 s)
 def test_the_core_ring_and_driver_tests_pass_on_the_other_core() -> None:
     other = "pure" if aiofused.CORE == "compiled" else "compiled"
     proc = subprocess.run(

@@ -25,7 +25,7 @@ The lease (the high-level API) drives the same lifecycle through ``private_prima
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiofused._abi import (
     EALREADY,
@@ -51,17 +51,31 @@ if TYPE_CHECKING:
 
 __all__ = ["FusedCommands"]
 
-_FS = FusedState
-_FI = FusedInput
-_PREPARED, _ISSUED, _LENT = _FS.PREPARED, _FS.ISSUED, _FS.LENT
-_RETURNING, _CLOSING, _DONE = _FS.RETURNING, _FS.CLOSING, _FS.DONE
-_DEST = BufDir.DEST
-_FLAG_DEST = int(IssueFlag.FUSED_BUF_DEST)
-_FLAG_SRC = int(IssueFlag.FUSED_BUF_SRC)
-_SECONDARY_FORBIDDEN = int(
+_FS: Final = FusedState
+_FI: Final = FusedInput
+_PREPARED: Final = _FS.PREPARED
+_ISSUED: Final = _FS.ISSUED
+_LENT: Final = _FS.LENT
+_RETURNING: Final = _FS.RETURNING
+_CLOSING: Final = _FS.CLOSING
+_DONE: Final = _FS.DONE
+_DEST: Final = BufDir.DEST
+_FLAG_DEST: Final = int(IssueFlag.FUSED_BUF_DEST)
+_FLAG_SRC: Final = int(IssueFlag.FUSED_BUF_SRC)
+_SECONDARY_FORBIDDEN: Final = int(
     SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.IO_DRAIN | SqeFlag.BUFFER_SELECT
 )
-_INFLIGHT = ReqState.INFLIGHT
+_INFLIGHT: Final = ReqState.INFLIGHT
+#: Lifecycle inputs (module constants: an enum member read through its class costs a
+#: metaclass attribute lookup on every command).
+_FI_DONE: Final = _FI.DONE
+_FI_FAIL: Final = _FI.FAIL
+_FI_FORCE_CANCEL: Final = _FI.FORCE_CANCEL
+_FI_ISSUE: Final = _FI.ISSUE
+_FI_LEND: Final = _FI.LEND
+_FI_RETURNED: Final = _FI.RETURNED
+_COMPLETE: Final = ReqInput.COMPLETE
+_FAIL: Final = ReqInput.FAIL
 
 
 def _ignore(res: int) -> None:
@@ -164,7 +178,7 @@ class FusedCommands:
     def issue_command(self, p: Req) -> None:
         """Run the driver's ``uring_cmd`` (SPEC F6-F7)."""
         err = self._driver_check(p)
-        fused_step(p, _FI.ISSUE)
+        fused_step(p, _FI_ISSUE)
         if err:
             self._finish_unlent(p, err)
             return
@@ -180,11 +194,11 @@ class FusedCommands:
         """Fail a primary that never reached its driver: secondaries first (SPEC F-rules)."""
         if p.fstate is not _PREPARED:
             return
-        fused_step(p, _FI.FAIL)
+        fused_step(p, _FI_FAIL)
         for s in p.secondaries:
             if s is not None:
                 self.fail_one(s, ECANCELED, drop_cqes)
-        self.finish(p, res, ReqInput.FAIL, drop_cqe=drop_cqes)
+        self.finish(p, res, _FAIL, drop_cqe=drop_cqes)
 
     def cancel_command(self, p: Req, on_result: Callable[[int], None]) -> None:
         """ASYNC_CANCEL or ring close on this primary (SPEC F12)."""
@@ -201,9 +215,9 @@ class FusedCommands:
                         self.cmd_done(p, EIO)
                 on_result(0)
                 return
-            fused_step(p, _FI.FORCE_CANCEL)
+            fused_step(p, _FI_FORCE_CANCEL)
             self._cancel_unissued(p)
-            self.finish(p, ECANCELED, ReqInput.COMPLETE)
+            self.finish(p, ECANCELED, _COMPLETE)
             on_result(0)
         elif state is _LENT:
             p.cancelled = True
@@ -244,7 +258,7 @@ class FusedCommands:
         self.lent += 1
         p.base = mv
         p.callback = callback
-        fused_step(p, _FI.LEND)
+        fused_step(p, _FI_LEND)
         secondaries = p.secondaries
         p.secondary_results = [0] * len(secondaries)
         p.outstanding = len(secondaries)
@@ -260,11 +274,14 @@ class FusedCommands:
 
     def _lendable(self, p: Req, buf: Any) -> memoryview:
         """The core's own flat byte view of ``buf`` for lending (DriverError if unfit)."""
-        view = getattr(buf, "view", None)
-        if type(view) is memoryview and hasattr(buf, "pool"):  # a BufferPool's buffer
-            if buf.pool is self.reg_pool:
-                p.fixed_index = buf.index  # registered: the secondaries become fixed ops
-            buf = view
+        kind = type(buf)
+        # (A bytearray or memoryview is never a pool's buffer: skip the failing lookup.)
+        if kind is not bytearray and kind is not memoryview:
+            view = getattr(buf, "view", None)
+            if type(view) is memoryview and hasattr(buf, "pool"):  # a BufferPool's buffer
+                if buf.pool is self.reg_pool:
+                    p.fixed_index = buf.index  # registered: the secondaries become fixed ops
+                buf = view
         mv = memoryview(buf)
         if not mv.c_contiguous:
             mv.release()
@@ -290,20 +307,20 @@ class FusedCommands:
             res = int(res)
         state = p.fstate
         if state is _RETURNING:
-            fused_step(p, _FI.DONE)
+            fused_step(p, _FI_DONE)
             self._release_views(p)
-            self.finish(p, res, ReqInput.COMPLETE)
+            self.finish(p, res, _COMPLETE)
         elif state is _ISSUED:
             self._finish_unlent(p, res)
         elif state is _LENT:
-            fused_step(p, _FI.DONE)
+            fused_step(p, _FI_DONE)
             p.early_res = res
             p.sealed = True
             self._cancel_inflight(p)
             if not p.outstanding:
                 self._returned(p)
         elif state is not _DONE:
-            fused_step(p, _FI.DONE)  # raises: no edge (PREPARED, CLOSING)
+            fused_step(p, _FI_DONE)  # raises: no edge (PREPARED, CLOSING)
 
     def run_callback(self, p: Req) -> None:
         """Task work: the driver's lend callback, once every secondary came back."""
@@ -383,18 +400,18 @@ class FusedCommands:
                 self.fail_one(s, ECANCELED, False)
 
     def _finish_unlent(self, p: Req, res: int) -> None:
-        fused_step(p, _FI.DONE)
+        fused_step(p, _FI_DONE)
         self._cancel_unissued(p)
-        self.finish(p, res, ReqInput.COMPLETE)
+        self.finish(p, res, _COMPLETE)
 
     def _returned(self, p: Req) -> None:
         if p.fstate is _LENT:
-            fused_step(p, _FI.RETURNED)
+            fused_step(p, _FI_RETURNED)
             self.queue_task_work(self.run_callback, p)
         elif p.fstate is _CLOSING:
-            fused_step(p, _FI.RETURNED)
+            fused_step(p, _FI_RETURNED)
             self._release_views(p)
-            self.finish(p, p.early_res, ReqInput.COMPLETE)
+            self.finish(p, p.early_res, _COMPLETE)
 
     def _release_views(self, p: Req) -> None:
         extra = p.extra_views

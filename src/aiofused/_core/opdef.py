@@ -71,18 +71,19 @@ __all__ = [
 
 Prep = Callable[["RingCore", "Req", "Sqe"], int]
 
-_F_FIXED = int(SqeFlag.FIXED_FILE)
-_F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
-_CMD_FIXED = int(UringCmdFlag.FIXED)
-_CMD_FUSED_BUF = int(UringCmdFlag.FUSED_BUF)
-_DEST, _SRC = BufDir.DEST, BufDir.SRC
+_F_FIXED: Final = int(SqeFlag.FIXED_FILE)
+_F_SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
+_CMD_FIXED: Final = int(UringCmdFlag.FIXED)
+_CMD_FUSED_BUF: Final = int(UringCmdFlag.FUSED_BUF)
+_DEST: Final = BufDir.DEST
+_SRC: Final = BufDir.SRC
 #: ``Req.want`` of an op whose result never fails it (FSYNC, FALLOCATE, LINK_TIMEOUT):
 #: the kernel sets REQ_F_FAIL for them only when the request could not be issued at all
 #: (a bad file), so an error result neither severs a chain nor shows under
 #: CQE_SKIP_SUCCESS (issue 12, classes 7 and 9).
-NEVER_FAILS = -(1 << 62)
-_CLOCKS = IORING_TIMEOUT_BOOTTIME | IORING_TIMEOUT_REALTIME
-_SOCK_OPS = (Op.SEND, Op.RECV, Op.SEND_ZC)
+NEVER_FAILS: Final = -(1 << 62)
+_CLOCKS: Final = IORING_TIMEOUT_BOOTTIME | IORING_TIMEOUT_REALTIME
+_SOCK_OPS: Final = (Op.SEND, Op.RECV, Op.SEND_ZC)
 
 
 class Issue(enum.IntEnum):
@@ -495,12 +496,12 @@ def _prep_fused(core: RingCore, req: Req, sqe: Sqe) -> int:
     return _prep_command(core, req, sqe, True)
 
 
-_K = UringEnc
-_RW_DEST = _K.KERNEL | _K.BUF | _K.DEST
-_RW_SRC = _K.KERNEL | _K.BUF
+_K: Final = UringEnc
+_RW_DEST: Final = _K.KERNEL | _K.BUF | _K.DEST
+_RW_SRC: Final = _K.KERNEL | _K.BUF
 
 
-_BUFSEL_ISSUE = {Op.READ: ENOBUFS, Op.RECV: ENOBUFS, Op.SEND: ENOENT}
+_BUFSEL_ISSUE: Final = {Op.READ: ENOBUFS, Op.RECV: ENOBUFS, Op.SEND: ENOENT}
 
 
 def _io(op: Op, prep: Prep, buf_dir: BufDir, uring: UringEnc, *, secondary: bool) -> OpDef:
@@ -522,7 +523,7 @@ def _io(op: Op, prep: Prep, buf_dir: BufDir, uring: UringEnc, *, secondary: bool
     )
 
 
-OPDEFS: dict[int, OpDef] = {
+OPDEFS: Final[dict[int, OpDef]] = {
     Op.NOP: OpDef(Op.NOP, _prep_nop, Issue.NOP),
     Op.READ: _io(Op.READ, _prep_rw, _DEST, _RW_DEST | _K.OFFSET, secondary=True),
     Op.WRITE: _io(Op.WRITE, _prep_rw, _SRC, _RW_SRC | _K.OFFSET, secondary=True),
@@ -557,12 +558,12 @@ OPDEFS: dict[int, OpDef] = {
 """Opcodes without an entry (READV, ...) are -EINVAL at init."""
 
 #: READ/WRITE -> their registered-buffer forms, and back (same bytes moved).
-FIXED_FORM: dict[int, Op] = {int(Op.READ): Op.READ_FIXED, int(Op.WRITE): Op.WRITE_FIXED}
-PLAIN_FORM: dict[int, Op] = {int(fixed): Op(plain) for plain, fixed in FIXED_FORM.items()}
+FIXED_FORM: Final[dict[int, Op]] = {int(Op.READ): Op.READ_FIXED, int(Op.WRITE): Op.WRITE_FIXED}
+PLAIN_FORM: Final[dict[int, Op]] = {int(fixed): Op(plain) for plain, fixed in FIXED_FORM.items()}
 
 #: Ops a backend may run as is when standalone and flagless (``Backend.start_direct``):
 #: one buffer, no registered-buffer index, one CQE.
-DIRECT_OPS: frozenset[int] = frozenset(
+DIRECT_OPS: Final[frozenset[int]] = frozenset(
     int(op)
     for op, d in OPDEFS.items()
     if d.uring & UringEnc.BUF and not d.uring & (UringEnc.FIXED | UringEnc.ZC | UringEnc.FALLOC)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiofused._abi import BufDir, Op
 from aiofused._errors import DriverError, LifecycleError
@@ -76,8 +76,9 @@ class ReqInput(enum.IntEnum):
     RECYCLE = 6
 
 
-_RS, _RI = ReqState, ReqInput
-REQ_TRANSITIONS: dict[tuple[ReqState, ReqInput], ReqState] = {
+_RS: Final = ReqState
+_RI: Final = ReqInput
+REQ_TRANSITIONS: Final[dict[tuple[ReqState, ReqInput], ReqState]] = {
     (_RS.FREE, _RI.CONSUME): _RS.PREPARED,
     (_RS.PREPARED, _RI.ISSUE): _RS.INFLIGHT,
     (_RS.PREPARED, _RI.FAIL): _RS.DONE,
@@ -87,7 +88,9 @@ REQ_TRANSITIONS: dict[tuple[ReqState, ReqInput], ReqState] = {
     (_RS.DONE, _RI.RECYCLE): _RS.FREE,
 }
 #: ``REQ_TRANSITIONS`` keyed by ``int(state) + int(input)``.
-REQ_EDGES: dict[int, ReqState] = {int(s) + int(i): d for (s, i), d in REQ_TRANSITIONS.items()}
+REQ_EDGES: Final[dict[int, ReqState]] = {
+    int(s) + int(i): d for (s, i), d in REQ_TRANSITIONS.items()
+}
 
 
 def req_step(req: Req, inp: ReqInput) -> ReqState:
@@ -124,8 +127,9 @@ class FusedInput(enum.IntEnum):
     RETURNED = 5
 
 
-_FS, _FI = FusedState, FusedInput
-FUSED_TRANSITIONS: dict[tuple[FusedState, FusedInput], FusedState] = {
+_FS: Final = FusedState
+_FI: Final = FusedInput
+FUSED_TRANSITIONS: Final[dict[tuple[FusedState, FusedInput], FusedState]] = {
     (_FS.PREPARED, _FI.ISSUE): _FS.ISSUED,
     (_FS.PREPARED, _FI.FAIL): _FS.DONE,
     (_FS.ISSUED, _FI.LEND): _FS.LENT,
@@ -136,7 +140,9 @@ FUSED_TRANSITIONS: dict[tuple[FusedState, FusedInput], FusedState] = {
     (_FS.RETURNING, _FI.DONE): _FS.DONE,
     (_FS.CLOSING, _FI.RETURNED): _FS.DONE,
 }
-FUSED_EDGES: dict[int, FusedState] = {int(s) + int(i): d for (s, i), d in FUSED_TRANSITIONS.items()}
+FUSED_EDGES: Final[dict[int, FusedState]] = {
+    int(s) + int(i): d for (s, i), d in FUSED_TRANSITIONS.items()
+}
 
 
 def fused_step(p: Req, inp: FusedInput) -> FusedState:
@@ -227,9 +233,9 @@ class DriverFile:
         return f"<DriverFile {self.driver.name!r} slot={self.index}>"
 
 
-_FS_DONE = FusedState.DONE
-_FS_PREPARED = FusedState.PREPARED
-_RS_PREPARED = ReqState.PREPARED
+_FS_DONE: Final = FusedState.DONE
+_FS_PREPARED: Final = FusedState.PREPARED
+_RS_PREPARED: Final = ReqState.PREPARED
 
 
 class Req(IoOp):

@@ -42,7 +42,7 @@ import heapq
 import itertools
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiofused._abi import (
     EALREADY,
@@ -86,35 +86,48 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_ENTRIES", "RingCore"]
 
-MAX_ENTRIES = 32768
+MAX_ENTRIES: Final = 32768
 
 # Plain ints on the hot path (IntFlag arithmetic allocates enum members).
-_F_DRAIN = int(SqeFlag.IO_DRAIN)
-_F_HARDLINK = int(SqeFlag.IO_HARDLINK)
-_F_SKIP = int(SqeFlag.CQE_SKIP_SUCCESS)
-_F_BUFSEL = int(SqeFlag.BUFFER_SELECT)
-_F_ASYNC = int(SqeFlag.ASYNC)
-_LINK_FLAGS = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
+_F_DRAIN: Final = int(SqeFlag.IO_DRAIN)
+_F_HARDLINK: Final = int(SqeFlag.IO_HARDLINK)
+_F_SKIP: Final = int(SqeFlag.CQE_SKIP_SUCCESS)
+_F_BUFSEL: Final = int(SqeFlag.BUFFER_SELECT)
+_F_ASYNC: Final = int(SqeFlag.ASYNC)
+_LINK_FLAGS: Final = int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK)
 #: Flags whose presence needs the generic init checks.
-_CHECKED_FLAGS = ~int(SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE)
-_CQE_MORE = int(CqeFlag.MORE)
-_CQE_NOTIF = int(CqeFlag.NOTIF)
-_OP_NOP = int(Op.NOP)
-_OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
-_OP_TIMEOUT = int(Op.TIMEOUT)
-_OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
+_CHECKED_FLAGS: Final = ~int(
+    SqeFlag.IO_LINK | SqeFlag.IO_HARDLINK | SqeFlag.ASYNC | SqeFlag.FIXED_FILE
+)
+_CQE_MORE: Final = int(CqeFlag.MORE)
+_CQE_NOTIF: Final = int(CqeFlag.NOTIF)
+_OP_NOP: Final = int(Op.NOP)
+_OP_LINK_TIMEOUT: Final = int(Op.LINK_TIMEOUT)
+_OP_TIMEOUT: Final = int(Op.TIMEOUT)
+_OP_ASYNC_CANCEL: Final = int(Op.ASYNC_CANCEL)
+_OP_FUSED_CMD: Final = int(Op.FUSED_CMD)
 
-_S = ReqState
-_FREE, _PREPARED, _INFLIGHT, _NOTIF, _DONE = _S.FREE, _S.PREPARED, _S.INFLIGHT, _S.NOTIF, _S.DONE
-_I = ReqInput
-_CONSUME, _ISSUE, _FAIL, _COMPLETE = _I.CONSUME, _I.ISSUE, _I.FAIL, _I.COMPLETE
-_RESULT, _NOTIF_IN, _RECYCLE = _I.RESULT, _I.NOTIF, _I.RECYCLE
-_ISSUE_IO, _ISSUE_CMD = Issue.IO, Issue.COMMAND
-_ZC = UringEnc.ZC
-_opdefs_get = OPDEFS.get
-_NO_FUSED = {op: d for op, d in OPDEFS.items() if op != Op.FUSED_CMD}
-_tuple_new = tuple.__new__
-_refcount = sys.getrefcount
+_S: Final = ReqState
+_FREE: Final = _S.FREE
+_PREPARED: Final = _S.PREPARED
+_INFLIGHT: Final = _S.INFLIGHT
+_NOTIF: Final = _S.NOTIF
+_DONE: Final = _S.DONE
+_I: Final = ReqInput
+_CONSUME: Final = _I.CONSUME
+_ISSUE: Final = _I.ISSUE
+_FAIL: Final = _I.FAIL
+_COMPLETE: Final = _I.COMPLETE
+_RESULT: Final = _I.RESULT
+_NOTIF_IN: Final = _I.NOTIF
+_RECYCLE: Final = _I.RECYCLE
+_ISSUE_IO: Final = Issue.IO
+_ISSUE_CMD: Final = Issue.COMMAND
+_ZC: Final = UringEnc.ZC
+_opdefs_get: Final = OPDEFS.get
+_NO_FUSED: Final = {op: d for op, d in OPDEFS.items() if op != Op.FUSED_CMD}
+_tuple_new: Final = tuple.__new__
+_refcount: Final = sys.getrefcount
 
 
 def _unshared_refcount() -> int:
@@ -130,7 +143,7 @@ def _unshared_refcount() -> int:
     raise AssertionError("unreachable")
 
 
-_UNSHARED = _unshared_refcount()
+_UNSHARED: Final = _unshared_refcount()
 
 
 def _ignore(res: int) -> None:
@@ -510,7 +523,7 @@ class RingCore(FusedCommands):
         else:
             req.err = opdef.prep(self, req, sqe)
         if req.err and opdef is not None and opdef.issue is _ISSUE_CMD and not req.command:
-            self.init_command(req, 0, b"", opdef.op is Op.FUSED_CMD)
+            self.init_command(req, 0, b"", opdef.op == _OP_FUSED_CMD)
         elif (
             req.opcode == _OP_LINK_TIMEOUT
             and not req.err

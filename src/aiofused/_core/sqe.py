@@ -18,22 +18,23 @@ from aiofused._core.records import DriverFile
 
 __all__ = ["Cqe", "FileLike", "Sqe"]
 
-_F_FIXED = int(SqeFlag.FIXED_FILE)
-_OP_NOP = int(Op.NOP)
-_OP_READ = int(Op.READ)
-_OP_WRITE = int(Op.WRITE)
-_OP_READ_FIXED = int(Op.READ_FIXED)
-_OP_WRITE_FIXED = int(Op.WRITE_FIXED)
-_OP_SEND = int(Op.SEND)
-_OP_RECV = int(Op.RECV)
-_OP_SEND_ZC = int(Op.SEND_ZC)
-_OP_FSYNC = int(Op.FSYNC)
-_OP_FALLOCATE = int(Op.FALLOCATE)
-_OP_TIMEOUT = int(Op.TIMEOUT)
-_OP_LINK_TIMEOUT = int(Op.LINK_TIMEOUT)
-_OP_ASYNC_CANCEL = int(Op.ASYNC_CANCEL)
-_OP_URING_CMD = int(Op.URING_CMD)
-_OP_FUSED_CMD = int(Op.FUSED_CMD)
+_F_FIXED: Final = int(SqeFlag.FIXED_FILE)
+_OP_NOP: Final = int(Op.NOP)
+_OP_READ: Final = int(Op.READ)
+_OP_WRITE: Final = int(Op.WRITE)
+_OP_READ_FIXED: Final = int(Op.READ_FIXED)
+_OP_WRITE_FIXED: Final = int(Op.WRITE_FIXED)
+_OP_SEND: Final = int(Op.SEND)
+_OP_RECV: Final = int(Op.RECV)
+_OP_SEND_ZC: Final = int(Op.SEND_ZC)
+_OP_FSYNC: Final = int(Op.FSYNC)
+_OP_FALLOCATE: Final = int(Op.FALLOCATE)
+_OP_TIMEOUT: Final = int(Op.TIMEOUT)
+_OP_LINK_TIMEOUT: Final = int(Op.LINK_TIMEOUT)
+_OP_ASYNC_CANCEL: Final = int(Op.ASYNC_CANCEL)
+_OP_URING_CMD: Final = int(Op.URING_CMD)
+_OP_FUSED_CMD: Final = int(Op.FUSED_CMD)
+_CMD_FUSED_BUF: Final = int(UringCmdFlag.FUSED_BUF)
 
 
 class FileLike(Protocol):
@@ -232,4 +233,4 @@ class Sqe:
         self.cmd_op = cmd_op
         self.cmd = cmd if type(cmd) is bytes else bytes(cmd)
         self.nr_secondary = nr_secondary
-        self.uring_cmd_flags = int(UringCmdFlag.FUSED_BUF)
+        self.uring_cmd_flags = _CMD_FUSED_BUF

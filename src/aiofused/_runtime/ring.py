@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from aiofused._abi import EBUSY, EINVAL, EIO, EIOCBQUEUED, ENXIO, BufDir, Op, SetupFlag
 from aiofused._buffers import BufferPool
@@ -29,7 +29,8 @@ from aiofused.backends._base import Backend, select_backend
 
 __all__ = ["Ring"]
 
-log = get_logger("aiofused.ring")
+log: Final = get_logger("aiofused.ring")
+_LENT: Final = FusedState.LENT
 
 
 class Ring(RingCore):
@@ -243,7 +244,7 @@ class Ring(RingCore):
         buffer from ``at`` of an open primary; ``on_complete(res, flags)`` gets its result.
         :class:`DriverError` if the primary is sealed or not lent, ``ValueError`` for an
         op that cannot use the buffer in its direction."""
-        if primary.fstate is not FusedState.LENT or primary.sealed:  # as add_secondary
+        if primary.fstate is not _LENT or primary.sealed:  # as add_secondary
             raise DriverError(f"no secondary can start in state {primary.fstate.name.lower()}")
         opdef = OPDEFS.get(op)
         if opdef is None or not opdef.fused_secondary or opdef.buf_dir is not primary.buf_dir:

@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKEND", "UringBackend", "reset_probe_cache"]
 
-log = get_logger("aiofused.backend.uring")
+log: Final = get_logger("aiofused.backend.uring")
 
 # ---- test hooks (module attributes so tests can monkeypatch them) -------------------
 
@@ -138,6 +138,7 @@ _F_SOCK_NONEMPTY: Final = int(CqeFlag.SOCK_NONEMPTY)
 #: What a plain op's completion passes on: SOCK_NONEMPTY, and our failure mark.
 _F_CQE_KEEP: Final = _F_SOCK_NONEMPTY | IO_FAILED
 _MSG_WAITALL: Final = MSG_WAITALL
+_OP_RECV: Final = int(Op.RECV)
 
 
 def _recv_trunc(op: IoOp) -> int:
@@ -147,7 +148,7 @@ def _recv_trunc(op: IoOp) -> int:
     rw = op.rw_flags & _U32
     sock = op.file
     if (
-        op.opcode == Op.RECV
+        op.opcode == _OP_RECV
         and not rw & MSG_TRUNC
         and isinstance(sock, socket.socket)
         and sock.type in (socket.SOCK_SEQPACKET, socket.SOCK_DGRAM)
@@ -179,19 +180,19 @@ _CLOSE_GIVE_UP: Final = 120.0
 
 #: Backends that still have a ring open: they (and every buffer their records pin) are
 #: never garbage collected before aclose() has drained the kernel.
-_OPEN: set[UringBackend] = set()
+_OPEN: Final[set[UringBackend]] = set()
 #: What a ring abandoned with ops still in the kernel pinned (aclose gave up): kept
 #: forever rather than risk the kernel writing into freed memory.
-_ABANDONED: list[object] = []
+_ABANDONED: Final[list[object]] = []
 
 
 # ---- buffer exports ----------------------------------------------------------------------
 
 
-_array_types: dict[int, Any] = {}
-_c_char_from_buffer = ctypes.c_char.from_buffer
-_pack_sqe = abi.SQE_STRUCT.pack_into
-_addressof = ctypes.addressof
+_array_types: Final[dict[int, Any]] = {}
+_c_char_from_buffer: Final = ctypes.c_char.from_buffer
+_pack_sqe: Final = abi.SQE_STRUCT.pack_into
+_addressof: Final = ctypes.addressof
 
 
 def _array_type(nbytes: int) -> Any:
@@ -1166,4 +1167,4 @@ def _ignore_cancel_result(res: int) -> None:
     """``on_result`` of the cancels :meth:`UringBackend.aclose` submits itself."""
 
 
-BACKEND = UringBackend
+BACKEND: Final = UringBackend

@@ -53,12 +53,13 @@ from aiofused.driver import EIOCBQUEUED, BufDir, BufferPool, PoolBuffer, UringCm
 
 __all__ = ["RELAY_RECV", "RelayChannel", "RelayDriver", "RelayPool"]
 
-log = get_logger("aiofused_drivers.relay")
+log: Final = get_logger("aiofused_drivers.relay")
 
 #: ``cmd_op``: receive into a pooled buffer and lend it to the secondaries.
 RELAY_RECV: Final = 1
 
-_CMD = struct.Struct("<Q")
+_CMD: Final = struct.Struct("<Q")
+_SRC: Final = BufDir.SRC
 _ECANCELED: Final = -errno.ECANCELED
 _EINVAL: Final = -errno.EINVAL
 _EBADF: Final = -errno.EBADF
@@ -364,7 +365,7 @@ class RelayDriver:
 
     def uring_cmd(self, cmd: UringCmd, issue_flags: int) -> int:
         """Handle RELAY_RECV: lend the next received bytes as the secondaries' source."""
-        if cmd.cmd_op != RELAY_RECV or not cmd.is_fused or cmd.buf_dir != BufDir.SRC:
+        if cmd.cmd_op != RELAY_RECV or not cmd.is_fused or cmd.buf_dir is not _SRC:
             return _EINVAL
         if len(cmd.cmd) < _CMD.size:
             return _EINVAL

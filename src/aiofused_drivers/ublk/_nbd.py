@@ -54,7 +54,7 @@ from ._targets import Target
 
 __all__ = ["DEFAULT_CONNECTION_BYTES", "MAX_QUEUED_REPLIES", "Export", "ExportStats", "NbdServer"]
 
-log = get_logger(__name__)
+log: Final = get_logger(__name__)
 
 _RBUF_SIZE: Final = 256 * 1024
 _HDR: Final = P.REQUEST_HEADER
@@ -914,4 +914,4 @@ def export_from_spec(
     return Export(name, driver, target, read_only=read_only)
 
 
-OnDone = Callable[[BlockRequest, int], None]
+OnDone: Final = Callable[[BlockRequest, int], None]

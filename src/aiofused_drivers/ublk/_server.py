@@ -83,7 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Ctx", "Piece", "RingHost", "UblkServer"]
 
-log = get_logger(__name__)
+log: Final = get_logger(__name__)
 
 KIND_IO: Final = 1
 KIND_FUSED: Final = 2
