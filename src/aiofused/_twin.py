@@ -36,8 +36,8 @@ __all__ = ["CORE", "REASON", "SOURCES", "built", "select", "source_sha"]
 #: the core because it subclasses RingCore (an interpreted subclass would reach every
 #: method through Python); the uring backend because every kernel op goes through it
 #: (its ctypes structures and buffer exports stay interpreted, in ``aiofused._abi``);
-#: the null and relay drivers and the ublk and NBD servers because the benchmarks,
-#: the proxy and ``nbd serve`` run on them.  Not UblkDriver or
+#: the null and relay drivers, the proxy's pipe and the ublk and NBD servers because
+#: the benchmarks, the proxy and ``nbd serve`` run on them.  Not UblkDriver or
 #: the targets: users subclass those, and an interpreted class cannot inherit from a
 #: compiled one.
 SOURCES: Final = (
@@ -50,6 +50,7 @@ SOURCES: Final = (
     "aiofused/backends/_uring.py",
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
+    "aiofused_drivers/relay/_pipe.py",
     "aiofused_drivers/ublk/_nbd.py",
     "aiofused_drivers/ublk/_server.py",
 )

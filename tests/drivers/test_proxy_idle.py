@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -21,7 +22,7 @@ import pytest
 # The in-process proxy harness: both ring backends, no fd or task left behind.
 from test_proxy_e2e import no_leaks, ring_backend_for_proxies, running_proxy, wait_idle
 
-from aiofused_drivers.relay.proxy import Endpoint
+from aiofused_drivers.relay.proxy import Endpoint, _Connection
 
 __all__ = ["no_leaks", "ring_backend_for_proxies"]  # autouse fixtures, used by name
 
@@ -147,6 +148,11 @@ async def test_upstream_that_takes_nothing_for_the_whole_timeout_is_idle() -> No
             client.close()
         await wait_idle(proxy)
     assert proxy.stats.idle_timeouts == 1
+    # The cut pipe gave its command back and returned: nothing keeps the connection (a
+    # pipe whose cancelled wait never ended kept its pump, hence the connection, alive).
+    del proxy
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, _Connection)]
 
 
 async def test_slow_unix_upstream_is_not_cut(tmp_path: Any) -> None:

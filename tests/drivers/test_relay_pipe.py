@@ -1,5 +1,6 @@
-"""The proxy's callback-driven pipe (``_Pipe``) against a recording ring: a chunk's
-mirror settle countdown and grace timer belong to that chunk only.
+"""The proxy's callback-driven pipe (``aiofused_drivers.relay._pipe.Pipe``) against a
+recording ring: a chunk's mirror settle countdown and grace timer belong to that chunk
+only.
 
 (With the real ring the race needs a mirror that finishes during the countdown and a
 next chunk whose main SEND is slow, which loopback timing does not give on demand.)
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from aiofused_drivers.relay import proxy as P
+from aiofused_drivers.relay import _pipe as P
 
 
 class RecordingRing:
@@ -58,7 +59,7 @@ async def test_a_chunks_settle_never_cancels_the_next_chunk(grace: float) -> Non
     )  # fmt: skip
     conn: Any = types.SimpleNamespace(mirrors=[_mirror()], chunks=0)
     chan: Any = types.SimpleNamespace(cmd=b"", sock="upstream")
-    pipe = P._Pipe(server, conn, chan, chan, True)
+    pipe = P.Pipe(server, conn, chan, chan, True)
     pipe._first = False
     pipe._next()  # chunk 1
     cmd1 = pipe._cmd

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Per connection there are two *pumps*, client→upstream and upstream→client.  A pump
 is a chain of fused commands on the relay driver (:mod:`aiofused_drivers.relay`),
-driven by their completion callbacks (:class:`_Pipe`, on :meth:`Ring.open_fused`)::
+driven by their completion callbacks (:class:`~aiofused_drivers.relay._pipe.Pipe`, on
+:meth:`Ring.open_fused`)::
 
     RELAY_RECV primary --lent(n)--> SEND secondaries: the destination and, concurrently,
     every live mirror --all done--> seal --completion--> the next RELAY_RECV
@@ -79,7 +80,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import functools
 import hashlib
 import io
 import math
@@ -93,7 +93,7 @@ import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiofused import BufDir, DriverFile, Op, Ring, RingClosedError, SetupFlag
+from aiofused import DriverFile, Ring, SetupFlag
 from aiofused.backend import get_backend_class
 from aiofused.driver import (
     ArgumentParser,
@@ -106,7 +106,8 @@ from aiofused.driver import (
     parse_host_port,
     size_arg,
 )
-from aiofused_drivers.relay import RELAY_RECV, RelayChannel, RelayDriver, RelayPool
+from aiofused_drivers.relay import RelayChannel, RelayDriver, RelayPool
+from aiofused_drivers.relay._pipe import Pipe
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -126,21 +127,12 @@ __all__ = [
 log = get_logger("aiofused.proxy")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-_MSG_WAITALL = int(socket.MSG_WAITALL)  # plain ints: an IntFlag costs an int() per send
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 #: ``struct tcp_info``: ``tcpi_bytes_acked`` and ``tcpi_bytes_received`` (Linux 4.1, 4.6).
 _TCP_INFO_BYTES = struct.Struct("=QQ")
 _TCP_INFO_BYTES_AT = 120
 _TCP_INFO_LEN = _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size
 #: The idle timer looks for activity this many times per ``idle_timeout``.
 _IDLE_CHECKS = 4
-#: Loop iterations a mirror send may take to report after the main send finished.
-_MIRROR_GRACE_ITERATIONS = 3
-_OP_SEND = Op.SEND
-_EAGAIN = -errno.EAGAIN
-_ECANCELED = -errno.ECANCELED
-# A mirror's send of the current chunk: none, MSG_DONTWAIT, waiting (the grace), ended.
-_M_IDLE, _M_NOWAIT, _M_WAIT, _M_DONE, _M_FAILED = range(5)
 
 
 # ---- configuration -------------------------------------------------------------------
@@ -1156,8 +1148,34 @@ class ProxyServer:
         self, conn: _Connection, src: RelayChannel, dst: RelayChannel, upstream_dir: bool
     ) -> None:
         """Relay ``src`` to ``dst`` (and the mirrors, client→upstream) until end of stream
-        (see :class:`_Pipe`); a reset or error raises ``OSError``."""
-        await _Pipe(self, conn, src, dst, upstream_dir).run()
+        (see :class:`~aiofused_drivers.relay._pipe.Pipe`); a reset or error raises ``OSError``."""
+        loop = asyncio.get_running_loop()
+        pipe = Pipe(self, conn, src, dst, upstream_dir)
+        done = loop.create_future()
+        try:
+            pipe.start(done)
+            try:
+                await done
+            except asyncio.CancelledError:
+                pipe.abort()
+                while pipe.in_flight:  # through any cancellation: the buffer comes back
+                    stopped = loop.create_future()
+                    pipe.wait_stopped(stopped)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await stopped
+                raise
+        finally:
+            pipe.close()
+        pipe.raise_error()
+
+    def _settle_first(self, pipe: Pipe, cmd: Any, n: int) -> asyncio.Task[None]:
+        return asyncio.ensure_future(self._settle_then_send(pipe, cmd, n))
+
+    async def _settle_then_send(self, pipe: Pipe, cmd: Any, n: int) -> None:
+        conn = pipe.conn
+        assert isinstance(conn, _Connection)
+        await self._settle_mirrors(conn)
+        pipe.settled(cmd, n)
 
     async def _settle_mirrors(self, conn: _Connection) -> None:
         """At the first byte, wait briefly for mirrors still connecting (they started with
@@ -1172,346 +1190,6 @@ class ProxyServer:
         for m in conn.mirrors:
             if not m.failed and m.sock is None:
                 m.fail("not_connected_by_first_byte")
-
-
-class _Pipe:
-    """One direction of a connection, driven by completion callbacks.
-
-    Per chunk one RELAY_RECV fused command (:meth:`Ring.open_fused`): the relay lends
-    what it received, a SEND secondary takes it to ``dst`` (``MSG_WAITALL``; the rest of
-    a short send in another), and client→upstream one ``MSG_DONTWAIT`` SEND per live
-    mirror reads the same memory (with ``mirror_grace``, a waiting SEND for what did not
-    fit).  Once the main SEND is done, the mirrors get a few loop iterations (plus the
-    grace) before their sends are cancelled and a mirror that missed bytes is cut; then
-    the command is sealed, and its completion starts the next one.  No coroutine, task
-    or future per chunk: :meth:`run` waits once for the end of the stream.
-
-    A cancelled :meth:`run` cancels what is in flight and returns only once the command
-    has completed (its buffer is back with the relay).
-    """
-
-    __slots__ = (
-        "_aborting",
-        "_cmd",
-        "_completed",
-        "_done",
-        "_dst",
-        "_error",
-        "_first",
-        "_grace",
-        "_graced",
-        "_lent",
-        "_main_done",
-        "_mirror_cbs",
-        "_msent",
-        "_mstate",
-        "_mwait",
-        "_n",
-        "_on_complete",
-        "_on_lent",
-        "_on_sent",
-        "_relay",
-        "_ring",
-        "_sent",
-        "_server",
-        "_settle_left",
-        "_settling",
-        "_src_cmd",
-        "_stopped",
-        "conn",
-        "mirrors",
-        "upstream_dir",
-    )
-
-    def __init__(
-        self,
-        server: ProxyServer,
-        conn: _Connection,
-        src: RelayChannel,
-        dst: RelayChannel,
-        upstream_dir: bool,
-    ) -> None:
-        assert server._ring is not None and server._relay_file is not None
-        self._server = server
-        self._ring = server._ring
-        self._relay = server._relay_file
-        self.conn = conn
-        self.upstream_dir = upstream_dir
-        self._src_cmd = src.cmd
-        self._dst = dst.sock
-        self.mirrors = conn.mirrors if upstream_dir else []
-        self._grace = server.config.mirror_grace
-        self._cmd: Any = None  # the command in flight
-        self._completed = 0
-        self._lent = False
-        self._n = 0
-        self._sent = 0
-        self._main_done = False
-        self._error: OSError | None = None
-        self._aborting = False
-        self._first = True
-        self._settling: asyncio.Task[None] | None = None
-        self._settle_left = 0
-        self._graced = False
-        #: Per mirror: bytes of this chunk it took, its state (_M_*), and its callback.
-        self._msent = [0] * len(self.mirrors)
-        self._mstate = [_M_IDLE] * len(self.mirrors)
-        self._mwait = 0
-        self._done: asyncio.Future[None] | None = None
-        self._stopped: asyncio.Future[None] | None = None
-        # Bound once: a chunk allocates no callback.
-        self._on_lent = self._lent_cb
-        self._on_complete = self._complete_cb
-        self._on_sent = self._sent_cb
-        self._mirror_cbs = [functools.partial(self._mirror_cb, i) for i in range(len(self.mirrors))]
-
-    async def run(self) -> None:
-        """Relay until end of stream (half-close passed on) or raise the error."""
-        self._done = done = asyncio.get_running_loop().create_future()
-        try:
-            self._next()
-            try:
-                await done
-            except asyncio.CancelledError:
-                self._abort()
-                await self._wait_stopped()
-                raise
-        finally:
-            # Nothing is in flight any more: drop the bound callbacks, each a reference
-            # back to this pipe (else every pipe and its connection is a cycle for the GC).
-            del self._on_lent, self._on_complete, self._on_sent
-            self._mirror_cbs.clear()
-        err, self._error = self._error, None
-        if err is not None:
-            try:
-                raise err
-            finally:
-                del err  # this frame is in its traceback: no cycle through a local
-
-    # ---- the chunk loop ----------------------------------------------------------------
-
-    def _next(self) -> None:
-        before = self._completed
-        cmd = self._ring.open_fused(
-            self._relay,
-            RELAY_RECV,
-            cmd=self._src_cmd,
-            buf_dir=BufDir.SRC,
-            on_lent=self._on_lent,
-            on_complete=self._on_complete,
-        )
-        if self._completed == before:  # still in flight (it may have completed at once)
-            self._cmd = cmd
-
-    def _lent_cb(self, cmd: Any, n: int) -> None:
-        self._cmd = cmd
-        self._lent = True
-        self._n = n
-        self._sent = 0
-        self._main_done = False
-        if self._first and self.mirrors:
-            self._first = False
-            connecting = [m for m in self.mirrors if m.task is not None and not m.task.done()]
-            if connecting:
-                self._settling = asyncio.ensure_future(self._settle_first(cmd, n))
-                return
-            self._server._cut_unconnected(self.conn)
-        self._start_sends(cmd, n)
-
-    async def _settle_first(self, cmd: Any, n: int) -> None:
-        await self._server._settle_mirrors(self.conn)
-        self._settling = None
-        if not self._aborting:
-            self._start_sends(cmd, n)
-
-    def _start_sends(self, cmd: Any, n: int) -> None:
-        ring = self._ring
-        ring.fused_secondary(
-            cmd, _OP_SEND, self._dst, nbytes=n, flags=_MSG_WAITALL, on_complete=self._on_sent
-        )
-        for i, m in enumerate(self.mirrors):
-            if m.live and m.sock is not None:
-                m.busy = True
-                self._msent[i] = 0
-                self._mstate[i] = _M_NOWAIT
-                self._mwait += 1
-                ring.fused_secondary(
-                    cmd,
-                    _OP_SEND,
-                    m.sock,
-                    nbytes=n,
-                    flags=_MSG_DONTWAIT,
-                    on_complete=self._mirror_cbs[i],
-                )
-            else:
-                self._mstate[i] = _M_IDLE
-                m.count(0, n)
-
-    def _sent_cb(self, res: int, flags: int) -> None:
-        if res > 0:
-            self._sent += res
-            # The rest of a short send (MSG_WAITALL makes it rare), unless the command was
-            # sealed under us (an abort, the ring closing).
-            if self._sent < self._n and not self._aborting and not self._cmd.sealed:
-                self._ring.fused_secondary(
-                    self._cmd,
-                    _OP_SEND,
-                    self._dst,
-                    at=self._sent,
-                    nbytes=self._n - self._sent,
-                    flags=_MSG_WAITALL,
-                    on_complete=self._on_sent,
-                )
-                return
-        elif self._error is None:
-            code = -res if res < 0 else errno.EPIPE
-            self._error = OSError(code, os.strerror(code))
-        self._main_done = True
-        if self._mwait:
-            self._settle_left = _MIRROR_GRACE_ITERATIONS
-            self._graced = False
-            asyncio.get_running_loop().call_soon(self._settle, self._completed)
-        else:
-            self._ring.seal(self._cmd)
-
-    def _mirror_cb(self, i: int, res: int, flags: int) -> None:
-        m = self.mirrors[i]
-        n = self._n
-        if res > 0:
-            self._msent[i] += res
-        left = n - self._msent[i]
-        if (
-            left
-            and res > 0
-            and self._mstate[i] == _M_NOWAIT
-            and m.sock is not None
-            and not self._aborting
-            and not self._cmd.sealed
-        ):
-            self._mirror_send(i, m, left, _MSG_DONTWAIT)  # what it takes now
-            return
-        if (
-            left
-            and res in (0, _EAGAIN)
-            and self._grace > 0
-            and self._mstate[i] == _M_NOWAIT
-            and m.sock is not None
-            and not self._aborting
-            and not self._cmd.sealed
-        ):
-            self._mstate[i] = _M_WAIT  # waits for socket space until the grace ends
-            self._mirror_send(i, m, left, _MSG_WAITALL)
-            return
-        self._mstate[i] = _M_FAILED if res < 0 and res not in (_EAGAIN, _ECANCELED) else _M_DONE
-        self._mwait -= 1
-        if not self._mwait and self._main_done:
-            self._ring.seal(self._cmd)
-
-    def _mirror_send(self, i: int, m: _Mirror, left: int, flags: int) -> None:
-        assert m.sock is not None
-        self._ring.fused_secondary(
-            self._cmd,
-            _OP_SEND,
-            m.sock,
-            at=self._n - left,
-            nbytes=left,
-            flags=flags,
-            on_complete=self._mirror_cbs[i],
-        )
-
-    def _settle(self, chunk: int) -> None:
-        """The main SEND of ``chunk`` is done: give the mirrors' sends a few iterations
-        (and the grace), then cancel the ones still pending (never a later chunk's)."""
-        if chunk != self._completed or not self._mwait or not self._main_done:
-            return
-        if self._settle_left > 0:
-            self._settle_left -= 1
-            asyncio.get_running_loop().call_soon(self._settle, chunk)
-        elif self._grace > 0 and not self._graced:
-            self._graced = True
-            asyncio.get_running_loop().call_later(self._grace, self._settle, chunk)
-        else:
-            self._ring.cancel_secondaries(self._cmd)
-
-    def _complete_cb(self, res: int, flags: int) -> None:
-        """The chunk's command completed (every secondary has)."""
-        self._completed += 1
-        self._cmd = None
-        lent, self._lent = self._lent, False
-        if lent and self.mirrors:
-            self._account_mirrors()
-        if res > 0 and self._error is None:
-            conn, stats = self.conn, self._server.stats
-            conn.chunks += 1
-            stats.chunks += 1
-            if self.upstream_dir:
-                stats.bytes_upstream += res
-            else:
-                stats.bytes_downstream += res
-            if not self._aborting:
-                try:
-                    self._next()
-                    return
-                except RingClosedError:
-                    self._error = OSError(errno.ECANCELED, "ring closed")
-        elif res == 0 and not self._aborting:
-            # End of stream: propagate the half-close.
-            with contextlib.suppress(OSError):
-                self._dst.shutdown(socket.SHUT_WR)
-            for m in self.mirrors:
-                m.shutdown_write()
-        elif res < 0 and self._error is None and not self._aborting:
-            self._error = OSError(-res, os.strerror(-res))
-        self._finish()
-
-    def _account_mirrors(self) -> None:
-        n = self._n
-        for i, m in enumerate(self.mirrors):
-            state = self._mstate[i]
-            if state == _M_IDLE:
-                continue
-            self._mstate[i] = _M_IDLE
-            m.busy = False
-            sent = self._msent[i]
-            m.mstats.sends += 1
-            m.count(sent, n - sent)
-            if sent < n and not m.failed:
-                m.fail("send_failed" if state == _M_FAILED else "lagging")
-            if m.failed:
-                m.close(abort=True)
-
-    def _finish(self) -> None:
-        for fut in (self._done, self._stopped):
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    # ---- cancellation ------------------------------------------------------------------
-
-    def _abort(self) -> None:
-        self._aborting = True
-        if self._settling is not None:
-            self._settling.cancel()
-            self._settling = None
-        cmd = self._cmd
-        if cmd is None:
-            return
-        if self._lent:
-            self._ring.cancel_secondaries(cmd)
-            self._ring.seal(cmd)
-        else:
-            self._ring.cancel_req(cmd, _ignore_result)  # parked: the relay completes it
-
-    async def _wait_stopped(self) -> None:
-        """Wait, through any cancellation, until the command in flight has completed."""
-        while self._cmd is not None:
-            self._stopped = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stopped
-        self._stopped = None
-
-
-def _ignore_result(res: int) -> None:
-    pass
 
 
 def _peer(peer: Any) -> str:
