@@ -366,12 +366,12 @@ class UringBackend(Backend):
             fd, p = _setup(sq_entries, max(cq_entries, sq_entries))
         except OSError as exc:
             raise BackendUnavailable(self.name, _errno_reason(exc)) from exc
-        self._fd = fd
-        self.features = p.features
+        self._fd: int = fd
+        self.features: int = p.features
         #: The ``IORING_SETUP_*`` flags the kernel accepted (see _OPTIONAL_SETUP_FLAGS).
-        self.setup_flags = p.flags
-        self.sq_entries = p.sq_entries
-        self.cq_entries = p.cq_entries
+        self.setup_flags: int = p.flags
+        self.sq_entries: int = p.sq_entries
+        self.cq_entries: int = p.cq_entries
         try:
             self._maps = maps = abi.map_rings(fd, p)
             # Identity SQ index array: SQE slot i is always published as index i.
@@ -384,19 +384,20 @@ class UringBackend(Backend):
         except BaseException:
             self._teardown()
             raise
-        # Ring geometry, cached as plain ints for the hot path.
-        self._sq_tail_idx = p.sq_off.tail // 4
-        self._sq_head_idx = p.sq_off.head // 4
-        self._sq_flags_idx = p.sq_off.flags // 4
-        self._sq_mask = p.sq_entries - 1
-        self._sq_tail = maps.sq_words[self._sq_tail_idx]
+        # Ring geometry, cached as plain ints for the hot path (annotated: ctypes fields are
+        # Any to the compiler, which would make every index computation generic).
+        self._sq_tail_idx: int = p.sq_off.tail // 4
+        self._sq_head_idx: int = p.sq_off.head // 4
+        self._sq_flags_idx: int = p.sq_off.flags // 4
+        self._sq_mask: int = p.sq_entries - 1
+        self._sq_tail: int = maps.sq_words[self._sq_tail_idx]
         #: SQ slots we may still fill before the next io_uring_enter.
-        self._sq_free = p.sq_entries
-        self._cq_head_idx = p.cq_off.head // 4
-        self._cq_tail_idx = p.cq_off.tail // 4
-        self._cq_flags_idx = p.cq_off.flags // 4
-        self._cq_mask = p.cq_entries - 1
-        self._cq_head = maps.cq_words[self._cq_head_idx]
+        self._sq_free: int = p.sq_entries
+        self._cq_head_idx: int = p.cq_off.head // 4
+        self._cq_tail_idx: int = p.cq_off.tail // 4
+        self._cq_flags_idx: int = p.cq_off.flags // 4
+        self._cq_mask: int = p.cq_entries - 1
+        self._cq_head: int = maps.cq_words[self._cq_head_idx]
         self._sq_words = maps.sq_words
         self._cq_words = maps.cq_words
         self._sqes = maps.sqes
