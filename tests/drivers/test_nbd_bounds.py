@@ -238,3 +238,30 @@ async def test_memory_error_mid_request_closes_only_that_connection(
         await bad.close()
         await other.close()
     assert await settle(srv.service) == NO_LEAKS
+
+
+async def test_accept_survives_a_failing_accept(
+    srv: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() itself failing (EMFILE) is logged and retried after a back-off: the loop
+    lives on and the next client is served (the back-off waits outside the handler)."""
+    loop = asyncio.get_running_loop()
+    real = loop.sock_accept
+    failures: list[int] = []
+
+    async def accept(sock: object) -> object:
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await real(sock)  # type: ignore[arg-type]
+
+    try:
+        monkeypatch.setattr(loop, "sock_accept", accept)
+    except (AttributeError, TypeError):
+        pytest.skip(f"{type(loop).__name__}.sock_accept cannot be patched")
+    # The pending accept was started before the patch: this client takes it, and the
+    # loop's next accept is the failing one.
+    await still_serves(srv)
+    await still_serves(srv)
+    assert failures == [1]
+    assert await settle(srv.service) == NO_LEAKS

@@ -257,9 +257,12 @@ class NbdServer:
                 if self._closing:
                     return
                 log.warning("nbd.accept_failed", error=str(e) or type(e).__name__)
-                await asyncio.sleep(0.05)
+            else:
+                self._start_connection(sock, peer)
                 continue
-            self._start_connection(sock, peer)
+            # The back-off waits outside the handler: this module is compiled, and mypyc's
+            # coroutines have mishandled the exception state across an await in one.
+            await asyncio.sleep(0.05)
 
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
         """Start serving ``sock``; a failure here drops that connection only."""
