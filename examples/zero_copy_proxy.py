@@ -50,19 +50,26 @@ async def main(listen: int, upstream: int, mirrors: list[int]) -> None:
         relay = ring.register_driver(driver)
 
         async def handle(client: socket.socket) -> None:
-            up = await driver.attach(await connect(upstream))
-            shadows = [await connect(m) for m in mirrors]
-            cl = await driver.attach(client)
+            chans: list[RelayChannel] = []
+            shadows: list[socket.socket] = []
             try:
+                up = await driver.attach(await connect(upstream))
+                chans.append(up)
+                for m in mirrors:
+                    shadows.append(await connect(m))
+                cl = await driver.attach(client)
+                chans.append(cl)
                 await asyncio.gather(
                     pump(ring, relay, cl, [up.sock, *shadows]),  # client -> upstream + mirrors
                     pump(ring, relay, up, [cl.sock]),  # upstream -> client
                 )
             finally:
-                for chan in (cl, up):
+                for chan in chans:
                     chan.close()
                 for s in shadows:
                     s.close()
+                if len(chans) < 2:  # not attached: the client socket is still ours
+                    client.close()
 
         server = socket.create_server(("127.0.0.1", listen))
         server.setblocking(False)

@@ -258,9 +258,11 @@ async def test_invalid_settings_exit_2() -> None:
 async def test_example_proxy_relays_and_mirrors() -> None:
     example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "zero_copy_proxy.py")
     mirrored: list[bytes] = []
+    got_mirror = asyncio.Event()
 
     async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         mirrored.append(await r.read())
+        got_mirror.set()
         w.close()
 
     mirror = await asyncio.start_server(sink, "127.0.0.1", 0)
@@ -274,24 +276,26 @@ async def test_example_proxy_relays_and_mirrors() -> None:
             str(listen),
             str(up),
             str(mirror.sockets[0].getsockname()[1]),
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
+        assert proc.stderr is not None
+        drain: asyncio.Task[bytes] | None = None
         try:
             async with asyncio.timeout(20):
-                while True:
-                    try:
-                        socket.create_connection(("127.0.0.1", listen), timeout=1).close()
-                        break
-                    except ConnectionRefusedError:
-                        await asyncio.sleep(0.05)
+                # The example prints its banner once it listens: no probe connection
+                # (which would be proxied and mirrored as a session of its own).
+                banner = await proc.stderr.readline()
+                assert f"proxy 127.0.0.1:{listen}".encode() in banner, banner
+                drain = asyncio.create_task(proc.stderr.read())
                 payload = os.urandom(3_000_000)
                 assert await roundtrip(listen, payload) == payload
-                while not mirrored:
-                    await asyncio.sleep(0.01)
-            assert mirrored[-1] == payload
+                await got_mirror.wait()
+            assert mirrored == [payload]
         finally:
             proc.terminate()
             await proc.wait()
+            if drain is not None:
+                await drain
             mirror.close()
             await mirror.wait_closed()
 
