@@ -118,6 +118,58 @@ class FusedCommands:
     def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
         raise NotImplementedError
 
+    # ---- effects: one call each, forwarded to the port -------------------------------
+    # The core reaches its port only through these.  The runtime (aiofused.Ring) is its
+    # own port and overrides every one, so on the compiled twin an effect is a native
+    # method call, not a call through the Port protocol; a core built over another port
+    # (the core tests' recording one) forwards to it.
+
+    def start_io(self, req: Req) -> None:
+        """Begin leaf op ``req`` (:meth:`Port.start_io`)."""
+        self.port.start_io(req)
+
+    def cancel_direct(
+        self, user_data: int | None, every: bool, on_result: Callable[[int], None]
+    ) -> int:
+        """Cancel ops started as is (:meth:`Port.cancel_direct`)."""
+        return self.port.cancel_direct(user_data, every, on_result)
+
+    def cancel_io(self, req: Req, on_result: Callable[[int], None]) -> None:
+        """Ask the backend to cancel ``req`` (:meth:`Port.cancel_io`)."""
+        self.port.cancel_io(req, on_result)
+
+    def call_driver(self, req: Req, issue_flags: int) -> int:
+        """Run the driver's ``uring_cmd`` (:meth:`Port.call_driver`)."""
+        return self.port.call_driver(req, issue_flags)
+
+    def task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run ``fn(arg)`` soon (:meth:`Port.task_work`)."""
+        self.port.task_work(fn, arg)
+
+    def arm_timer(self, seconds: float, fn: Callable[[Req], None], req: Req) -> object:
+        """Call ``fn(req)`` after ``seconds`` (:meth:`Port.arm_timer`)."""
+        return self.port.arm_timer(seconds, fn, req)
+
+    def disarm_timer(self, handle: object) -> None:
+        """Cancel a timer (:meth:`Port.disarm_timer`)."""
+        self.port.disarm_timer(handle)
+
+    def wake(self) -> None:
+        """CQEs were posted while someone waits (:meth:`Port.wake`)."""
+        self.port.wake()
+
+    def idle(self) -> None:
+        """Nothing is in flight any more (:meth:`Port.idle`)."""
+        self.port.idle()
+
+    def fd_is_open(self, fd: int) -> bool:
+        """Whether ``fd`` is open (:meth:`Port.fd_is_open`)."""
+        return self.port.fd_is_open(fd)
+
+    def log_error(self, event: str, exc: bool = False, **fields: Any) -> None:
+        """Log an error (:meth:`Port.log_error`)."""
+        self.port.log_error(event, exc, **fields)
+
     # ---- building a primary ----------------------------------------------------------
 
     def init_command(self, req: Req, cmd_op: int, cmd: bytes, fused: bool) -> None:
@@ -171,7 +223,7 @@ class FusedCommands:
         driver = p.driver
         if driver is not None:
             return EOPNOTSUPP if p.is_fused and not driver.can_fused else 0
-        if p.fd < 0 or not self.port.fd_is_open(p.fd):
+        if p.fd < 0 or not self.fd_is_open(p.fd):
             return EBADF
         return EOPNOTSUPP  # an open fd that is not a driver has no uring_cmd
 
@@ -185,7 +237,7 @@ class FusedCommands:
         flags = 0
         if p.is_fused:
             flags = _FLAG_DEST if p.buf_dir is _DEST else _FLAG_SRC
-        ret = self.port.call_driver(p, flags)
+        ret = self.call_driver(p, flags)
         if ret == EIOCBQUEUED or p.fstate is _DONE:
             return
         self.cmd_done(p, ret)
@@ -210,7 +262,7 @@ class FusedCommands:
                 try:
                     hook(p)
                 except Exception:
-                    self.port.log_error("cancel_hook_raised", exc=True, cmd_op=p.cmd_op)
+                    self.log_error("cancel_hook_raised", exc=True, cmd_op=p.cmd_op)
                     if p.fstate is not _DONE:
                         self.cmd_done(p, EIO)
                 on_result(0)
@@ -302,7 +354,7 @@ class FusedCommands:
         """``io_uring_cmd_done``: post the primary's result (SPEC F9-F10)."""
         if type(res) is not int:
             if isinstance(res, bool) or not isinstance(res, int):
-                self.port.log_error("driver_bad_result", result=repr(res))
+                self.log_error("driver_bad_result", result=repr(res))
                 res = EIO
             res = int(res)
         state = p.fstate
@@ -330,7 +382,7 @@ class FusedCommands:
             if callback is not None:
                 callback(p)
         except Exception:
-            self.port.log_error("fused_callback_raised", exc=True, cmd_op=p.cmd_op)
+            self.log_error("fused_callback_raised", exc=True, cmd_op=p.cmd_op)
             if p.fstate is _RETURNING:
                 self.cmd_done(p, EIO)
 

@@ -211,7 +211,7 @@ def nop_result(core: RingCore, req: Req) -> int:
         if flags & IORING_NOP_FIXED_FILE:
             if core.fixed_driver(req.fd) is None:
                 return EBADF
-        elif req.fd < 0 or not core.port.fd_is_open(req.fd):
+        elif req.fd < 0 or not core.fd_is_open(req.fd):
             return EBADF
     if flags & IORING_NOP_FIXED_BUFFER and not 0 <= req.buf_index < len(core.reg_views):
         return EFAULT

@@ -191,7 +191,7 @@ class RingCore(FusedCommands):
         self.reg_pool: object = None
         self.reg_kernel = False
         self._inflight: dict[Req, None] = {}
-        self._ready: collections.deque[Req] = collections.deque()
+        self._ready: list[Req] = []  # a list, not a deque: native operations when compiled
         self._issuing = False
         #: Inside io_batch (waiters are woken at its end), and whether it queued task work.
         self._batching = False
@@ -645,10 +645,17 @@ class RingCore(FusedCommands):
         if self._issuing:
             return
         self._issuing = True
+        i = 0
         try:
-            while ready:
-                self._issue_one(ready.popleft())
+            while i < len(ready):
+                req = ready[i]
+                i += 1
+                self._issue_one(req)
         finally:
+            if i == len(ready):
+                ready.clear()
+            else:  # _issue_one raised: the rest wait for the next issue()
+                del ready[:i]
             self._issuing = False
 
     def _issue_one(self, req: Req) -> None:
@@ -664,11 +671,11 @@ class RingCore(FusedCommands):
         if lt is not None:
             lt.state = REQ_EDGES[lt.state + _ISSUE]
             self._inflight[lt] = None
-            lt.timer = self.port.arm_timer(lt.seconds, self._link_timeout_fired, lt)
+            lt.timer = self.arm_timer(lt.seconds, self._link_timeout_fired, lt)
         try:
             self._issuers[req.opdef.issue](req)  # type: ignore[union-attr]
         except Exception:
-            self.port.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
+            self.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
             if req.state is _INFLIGHT:
                 self.finish(req, EIO, _COMPLETE)
 
@@ -677,10 +684,10 @@ class RingCore(FusedCommands):
             if req.want < 0:
                 req.want = 0  # not issued at all: a failure even for FSYNC/FALLOCATE
             err = req.issue_err
-            if err != EBADF and err != EINVAL and (req.fd < 0 or not self.port.fd_is_open(req.fd)):
+            if err != EBADF and err != EINVAL and (req.fd < 0 or not self.fd_is_open(req.fd)):
                 err = EBADF  # the kernel looks the file up before the buffer (SPEC R5)
             self.finish(req, err or EBADF, _COMPLETE)
-        elif req.want < 0 and not self.port.fd_is_open(req.fd):
+        elif req.want < 0 and not self.fd_is_open(req.fd):
             # FSYNC/FALLOCATE fail (sever, show under SKIP) only when the kernel cannot
             # get their file; what the syscall answers is just their result.
             req.want = 0
@@ -688,7 +695,7 @@ class RingCore(FusedCommands):
         else:
             if not self.reg_kernel and req.opcode in PLAIN_FORM:
                 req.opcode = PLAIN_FORM[req.opcode]  # same bytes, plain form
-            self.port.start_io(req)
+            self.start_io(req)
 
     def _issue_nop(self, req: Req) -> None:
         self.finish(req, nop_result(self, req) if req.rw_flags else 0, _COMPLETE)
@@ -739,14 +746,14 @@ class RingCore(FusedCommands):
                         self.finish(req, res, _COMPLETE)
                 except Exception:
                     ud = req if type(req) is int else req.user_data
-                    self.port.log_error("completion_failed", exc=True, user_data=ud)
+                    self.log_error("completion_failed", exc=True, user_data=ud)
         finally:
             self._batching = False
         if self.waiting:
             if self._batch_task_work:
                 self.queue_task_work(self._wake_waiters, None)
             else:
-                self.port.wake()
+                self.wake()
         self._batch_task_work = False
 
     def _direct_done(self, user_data: int, res: int, flags: int) -> None:
@@ -758,7 +765,7 @@ class RingCore(FusedCommands):
 
     def _wake_waiters(self, _: object) -> None:
         if self.waiting:
-            self.port.wake()
+            self.wake()
 
     def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
         """Run ``fn(arg)`` as task work.  Task work is batched: everything queued before
@@ -767,7 +774,7 @@ class RingCore(FusedCommands):
         tw = self._task_work
         tw.append((fn, arg))
         if len(tw) == 1:
-            self.port.task_work(self._run_task_work, None)
+            self.task_work(self._run_task_work, None)
         if self._batching:
             self._batch_task_work = True
 
@@ -778,12 +785,12 @@ class RingCore(FusedCommands):
             try:
                 fn(arg)
             except Exception:
-                self.port.log_error("task_work_raised", exc=True, fn=repr(fn))
+                self.log_error("task_work_raised", exc=True, fn=repr(fn))
 
     # ---- timeouts and cancellation -----------------------------------------------------
 
     def _arm_timeout(self, req: Req) -> None:
-        req.timer = self.port.arm_timer(req.seconds, self._timeout_fired, req)
+        req.timer = self.arm_timer(req.seconds, self._timeout_fired, req)
         if req.offset:
             target = self._cqe_seq + req.offset
             heapq.heappush(self._count_timeouts, (target, next(self._tseq), req))
@@ -860,7 +867,7 @@ class RingCore(FusedCommands):
                 self.finish(req, found, _COMPLETE)
 
         # Ops run as is are the backend's to find; their answers never come at once.
-        direct = self.port.cancel_direct(key, bool(every), one) if every or not targets else 0
+        direct = self.cancel_direct(key, bool(every), one) if every or not targets else 0
         pending = len(targets) + direct
         if not pending:
             # With CANCEL_ALL the result is a count, 0 when nothing matched.
@@ -889,7 +896,7 @@ class RingCore(FusedCommands):
             self.finish(req, ECANCELED, _COMPLETE)
             on_result(0)
         elif req.backend is not None and req.handle is not None:
-            self.port.cancel_io(req, on_result)
+            self.cancel_io(req, on_result)
         else:
             on_result(EALREADY)
 
@@ -909,7 +916,7 @@ class RingCore(FusedCommands):
         for req in list(self._inflight):
             if req.state is _INFLIGHT and req.opcode not in (_OP_ASYNC_CANCEL, _OP_LINK_TIMEOUT):
                 self.cancel_req(req, _ignore)
-        self.port.cancel_direct(None, True, _ignore)
+        self.cancel_direct(None, True, _ignore)
 
     # ---- completion --------------------------------------------------------------------
 
@@ -925,7 +932,7 @@ class RingCore(FusedCommands):
             if self._count_timeouts:
                 self._flush_count_timeouts()
         if self.waiting and not self._batching:
-            self.port.wake()
+            self.wake()
 
     def _flush_count_timeouts(self) -> None:
         heap = self._count_timeouts
@@ -948,7 +955,7 @@ class RingCore(FusedCommands):
         timer = req.timer
         if timer is not None:
             req.timer = None
-            self.port.disarm_timer(timer)
+            self.disarm_timer(timer)
         skip = req.flags & _F_SKIP
         # < 0, or short where that fails (SPEC L2); an op whose result never fails it has
         # want = NEVER_FAILS (SPEC L4), reset by fail_one: what never started failed.
@@ -959,7 +966,7 @@ class RingCore(FusedCommands):
                 try:
                     on_cqe(res, flags)
                 except Exception:  # the record must still complete and be released
-                    self.port.log_error("cqe_callback_raised", exc=True, user_data=req.user_data)
+                    self.log_error("cqe_callback_raised", exc=True, user_data=req.user_data)
             else:
                 # A TIMEOUT's CQE does not count when it expired or its count was
                 # reached (the kernel's cq_timeouts); a cancelled one's does.
@@ -1015,7 +1022,7 @@ class RingCore(FusedCommands):
         try:
             view.release()
         except BufferError:
-            self.port.log_error("view_still_exported", nbytes=view.nbytes)
+            self.log_error("view_still_exported", nbytes=view.nbytes)
             return False
         self.views -= 1
         return True
@@ -1047,6 +1054,6 @@ class RingCore(FusedCommands):
     def _after_release(self) -> None:
         if self.live == 0:
             self._barrier = False
-            self.port.idle()
+            self.idle()
         if self._deferred and not self._barrier:
             self._release_deferred()
