@@ -1,4 +1,5 @@
-"""Build the optional compiled twin of the core, the Ring and the hot drivers (mypyc).
+"""Build the optional compiled twin of the core, the Ring and the hot drivers (mypyc),
+and the small hand-written C twins (``aiofused._abi._pin``).
 
 The modules in :data:`SOURCES` are the readable reference and always installed.  When it
 can, the build also compiles those very modules with mypyc: each gets an extension
@@ -125,4 +126,23 @@ def twin_extensions() -> list[Any]:
         return []
 
 
-setup(ext_modules=twin_extensions(), cmdclass={"build_ext": OptionalBuildExt})
+def c_extensions() -> list[Any]:
+    """The hand-written C twins (each beside its pure-Python reference, chosen at import
+    unless ``AIOFUSED_NO_EXTENSIONS=1``): ``aiofused._abi._pin``."""
+    if os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0"):
+        return []
+    from setuptools import Extension
+
+    return [
+        Extension(
+            "aiofused._abi._pin",
+            [os.path.relpath(SRC / "aiofused" / "_abi" / "_pin.c", ROOT)],
+            extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
+        )
+    ]
+
+
+setup(
+    ext_modules=[*twin_extensions(), *c_extensions()],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

@@ -335,6 +335,8 @@ class FusedCommands:
                     p.fixed_index = buf.index  # registered: the secondaries become fixed ops
                 buf = view
         mv = memoryview(buf)
+        if kind is bytearray:
+            return mv  # flat, contiguous and writable by construction
         if not mv.c_contiguous:
             mv.release()
             raise DriverError("a lent buffer must be C-contiguous")

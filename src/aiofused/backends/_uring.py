@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 from aiofused._abi import IO_FAILED, MSG_TRUNC, MSG_WAITALL, CqeFlag, Op
 from aiofused._abi import uring as abi
 from aiofused._abi.buffer import BufferExport
+from aiofused._abi.pin import pin_rw
 from aiofused._core.opdef import DIRECT_OPS, OPDEFS, UringEnc
 from aiofused._errors import BackendUnavailable
 from aiofused._log import get_logger
@@ -193,6 +194,7 @@ _array_types: Final[dict[int, Any]] = {}
 _c_char_from_buffer: Final = ctypes.c_char.from_buffer
 _pack_sqe: Final = abi.SQE_STRUCT.pack_into
 _addressof: Final = ctypes.addressof
+_pin_rw: Final = pin_rw  # a C call when the C twin is built
 
 
 def _array_type(nbytes: int) -> Any:
@@ -464,37 +466,29 @@ class UringBackend(Backend):
         nbytes = op.nbytes
         if not 0 <= nbytes <= buf.nbytes:
             nbytes = buf.nbytes
-        try:
-            # One byte's type is enough to export buf and learn its address (an array
-            # type sized to nbytes costs a lookup and a bigger object for nothing).
-            pin = _c_char_from_buffer(buf)
-        except (BufferError, TypeError, ValueError):
-            return self._start_general(op, complete, info)
-        # Safety: pin exports buf (its memory cannot move or be freed) for as long as the
-        # record holds it, i.e. until the op's final CQE has been reaped.
-        rec = _Record(_K_PLAIN, op, complete, pin)
+        # Safety: the pin exports buf (its memory cannot move or be freed) for as long as
+        # the record holds it, i.e. until the op's final CQE has been reaped; pin_rw
+        # writes the SQE naming that memory only once the export is held.
+        rec = _Record(_K_PLAIN, op, complete, None)
         ud = id(rec)
-        self._inflight[ud] = rec
         flags = info[2]
         tail = self._sq_tail
-        _pack_sqe(
-            self._sqes,
-            (tail & self._sq_mask) << 6,
-            info[0],
-            0,
-            0,
-            op.fd,
-            op.offset & _U64 if flags & _I_OFFSET else 0,
-            _addressof(pin),
-            nbytes,
-            _recv_trunc(op) if op.rw_flags & _MSG_WAITALL else op.rw_flags & _U32,
-            ud,
-            op.buf_index & 0xFFFF if flags & _I_FIXED else 0,
-            0,
-            0,
-            0,
-            0,
-        )
+        try:
+            rec.pin = _pin_rw(
+                self._sqes,
+                (tail & self._sq_mask) << 6,
+                info[0],
+                op.fd,
+                op.offset if flags & _I_OFFSET else 0,
+                buf,
+                nbytes,
+                _recv_trunc(op) if op.rw_flags & _MSG_WAITALL else op.rw_flags,
+                ud,
+                op.buf_index if flags & _I_FIXED else 0,
+            )
+        except (BufferError, TypeError, ValueError):
+            return self._start_general(op, complete, info)
+        self._inflight[ud] = rec
         self._sq_tail = tail + 1
         self._sq_free -= 1
         if self._flush_handle is None:
@@ -521,37 +515,30 @@ class UringBackend(Backend):
         nbytes = sqe.len
         if not 0 <= nbytes <= size or not size:
             return False
-        try:
-            pin = _c_char_from_buffer(buf)  # writable buffers only
-        except (BufferError, TypeError, ValueError):
-            return False
-        # Safety: pin exports buf (it cannot move or be freed) until the record drops it,
-        # when the op's CQE has been reaped (_dispatch).
-        self.direct_ops += 1
-        rec = _Record(_K_DIRECT, None, None, pin)
-        rec.user_data = sqe.user_data
+        # Safety: the pin exports buf (it cannot move or be freed) until the record drops
+        # it, when the op's CQE has been reaped (_dispatch).
+        rec = _Record(_K_DIRECT, None, None, None)
         ud = id(rec)
-        self._inflight[ud] = rec
         op, flags = info
         tail = self._sq_tail
-        _pack_sqe(
-            self._sqes,
-            (tail & self._sq_mask) << 6,
-            op,
-            0,
-            0,
-            fd,
-            sqe.off & _U64 if flags & _I_OFFSET else 0,
-            _addressof(pin),
-            nbytes,
-            0,
-            ud,
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
+        try:
+            rec.pin = _pin_rw(
+                self._sqes,
+                (tail & self._sq_mask) << 6,
+                op,
+                fd,
+                sqe.off if flags & _I_OFFSET else 0,
+                buf,
+                nbytes,
+                0,
+                ud,
+                0,
+            )
+        except (BufferError, TypeError, ValueError):
+            return False
+        rec.user_data = sqe.user_data
+        self._inflight[ud] = rec
+        self.direct_ops += 1
         self._sq_tail = tail + 1
         self._sq_free -= 1
         if self._flush_handle is None:
