@@ -49,12 +49,16 @@ def pin_rw_py(
 ) -> object:
     """Export ``buf`` and write the SQE naming it at ``sqes[offset:offset + 64]``;
     return the export (the pin).  The reference for the C twin's ``pin_rw``."""
-    with memoryview(buf) as view:  # type: ignore[arg-type]
-        if view.readonly:
-            raise BufferError("buffer is not writable")
-        if not view.c_contiguous:
-            raise BufferError("buffer is not C-contiguous")
-        size = view.nbytes
+    kind = type(buf)
+    if kind is bytearray:  # flat, contiguous and writable by construction
+        size = len(buf)  # type: ignore[arg-type]
+    else:
+        with memoryview(buf) as view:  # type: ignore[arg-type]
+            if view.readonly:
+                raise BufferError("buffer is not writable")
+            if not view.c_contiguous:
+                raise BufferError("buffer is not C-contiguous")
+            size = view.nbytes
     if not size or not 0 <= nbytes <= size:
         raise ValueError(f"buffer of {size} bytes cannot hold {nbytes}")
     if not 0 <= offset <= len(sqes) - SQE_STRUCT.size:

@@ -645,17 +645,10 @@ class RingCore(FusedCommands):
         if self._issuing:
             return
         self._issuing = True
-        i = 0
         try:
-            while i < len(ready):
-                req = ready[i]
-                i += 1
-                self._issue_one(req)
+            while ready:
+                self._issue_one(ready.pop(0))  # a handful at most: pop(0) is cheap
         finally:
-            if i == len(ready):
-                ready.clear()
-            else:  # _issue_one raised: the rest wait for the next issue()
-                del ready[:i]
             self._issuing = False
 
     def _issue_one(self, req: Req) -> None:
