@@ -57,6 +57,21 @@ def test_info_auto_without_override_is_what_select_backend_picks() -> None:
     assert line(p.stdout, "auto") == f"auto     -> {want}", p.stdout
 
 
+@pytest.mark.parametrize("no_ext", ["", "1"])
+def test_info_names_the_sqe_pin_that_runs(no_ext: str) -> None:
+    import importlib.util
+
+    p = info(AIOFUSED_NO_EXTENSIONS=no_ext)
+    assert p.returncode == 0, p.stderr
+    got = line(p.stdout, "sqe pin")
+    if no_ext:
+        assert got == "sqe pin  python (AIOFUSED_NO_EXTENSIONS is set)", got
+    elif importlib.util.find_spec("aiofused._abi._pin") is not None:  # built: it runs
+        assert got == "sqe pin  c (aiofused._abi._pin)", got
+    else:
+        assert got == "sqe pin  python (the C twin is not built)", got
+
+
 def test_info_auto_with_a_bad_override_says_so() -> None:
     p = info(AIOFUSED_BACKEND="bogus")
     assert p.returncode == 0, p.stderr

@@ -191,9 +191,7 @@ _ABANDONED: Final[list[object]] = []
 
 
 _array_types: Final[dict[int, Any]] = {}
-_c_char_from_buffer: Final = ctypes.c_char.from_buffer
 _pack_sqe: Final = abi.SQE_STRUCT.pack_into
-_addressof: Final = ctypes.addressof
 _pin_rw: Final = pin_rw  # a C call when the C twin is built
 
 
