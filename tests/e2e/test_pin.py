@@ -77,6 +77,7 @@ def _raises(fn: Callable[..., object], *args: object) -> type[BaseException] | N
         ("negative nbytes", ValueError),
         ("strided", BufferError),
         ("SQE outside the array", ValueError),
+        ("SQE far outside the array", ValueError),
     ],
 )
 @pytest.mark.parametrize(("impl", "fn"), IMPLS, ids=[n for n, _ in IMPLS])
@@ -97,8 +98,10 @@ def test_bad_buffers_fail_alike_and_write_nothing(
         nbytes = -1
     elif case == "strided":
         buf = memoryview(bytearray(8192))[::2]
-    else:
+    elif case == "SQE outside the array":
         offset = 8 * 64 - 32
+    else:
+        offset = 2**63 - 1  # no overflow in the bounds check
     sq = bytearray(b"\xa5" * 8 * 64)
     assert _raises(fn, sq, offset, 22, 3, 0, buf, nbytes, 0, 1, 0) is expected
     assert sq == bytearray(b"\xa5" * 8 * 64)  # nothing written

@@ -138,7 +138,8 @@ pin_rw(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(pin);
         return NULL;
     }
-    if (offset + (long long)sizeof(struct sqe) > ring.len) {
+    const Py_ssize_t slot = (Py_ssize_t)sizeof(struct sqe);
+    if (ring.len < slot || offset > ring.len - slot) { /* no overflow for any offset */
         PyErr_Format(PyExc_ValueError, "SQE offset %lld outside the %zd-byte SQ array",
                      offset, ring.len);
         PyBuffer_Release(&ring);
