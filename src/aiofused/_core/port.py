@@ -2,8 +2,10 @@
 
 The core changes its own state first and then makes one port call per effect (httpcore's
 rule: mutate, then do the I/O), passing records and plain ints only, so an effect
-allocates nothing.  The runtime (:class:`aiofused.Ring`) is the real port; core tests
-use a recording one and feed completions back by hand.
+allocates nothing.  The runtime (:class:`aiofused.Ring`) is the real port: it is its own
+port and overrides the core's effect methods of the same names, so the compiled core
+calls it natively; core tests use a recording port (the core's effect methods forward
+to it) and feed completions back by hand.
 """
 
 from __future__ import annotations

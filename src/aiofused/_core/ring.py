@@ -32,7 +32,9 @@ but the free list refers to it, so a driver that keeps a finished command never 
 come back as another request.
 
 Effects (start this I/O, cancel that, call a driver, task work, timers, wake waiters)
-go out through :attr:`RingCore.port` after the core has updated its own state.
+go out after the core has updated its own state, through its effect methods
+(``start_io``, ``call_driver``, ... in :class:`~aiofused._core.fused.FusedCommands`),
+which forward to :attr:`RingCore.port`; the runtime, its own port, overrides them.
 """
 
 from __future__ import annotations
