@@ -94,8 +94,13 @@ def slotted_dataclasses() -> list[str]:
     return found
 
 
+def extensions_disabled() -> bool:
+    """What ``aiofused._twin.extensions_disabled`` says at run time, at build time."""
+    return os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0")
+
+
 def twin_extensions() -> list[Any]:
-    if os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0"):
+    if extensions_disabled():
         return []
     unsafe = slotted_dataclasses()
     if unsafe:
@@ -129,7 +134,7 @@ def twin_extensions() -> list[Any]:
 def c_extensions() -> list[Any]:
     """The hand-written C twins (each beside its pure-Python reference, chosen at import
     unless ``AIOFUSED_NO_EXTENSIONS=1``): ``aiofused._abi._pin``."""
-    if os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0"):
+    if extensions_disabled():
         return []
     from setuptools import Extension
 

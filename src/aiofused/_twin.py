@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Final
 
-__all__ = ["CORE", "REASON", "SOURCES", "built", "select", "source_sha"]
+__all__ = ["CORE", "REASON", "SOURCES", "built", "extensions_disabled", "select", "source_sha"]
 
 #: The compiled modules' sources under the installation's root (``src/`` here), in the
 #: order the stamp hashes them; setup.py compiles this list.  The Ring is compiled with
@@ -101,7 +101,8 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
-def _disabled() -> bool:
+def extensions_disabled() -> bool:
+    """``AIOFUSED_NO_EXTENSIONS`` is set (to anything but ``0``): every twin runs pure."""
     return os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0")
 
 
@@ -110,7 +111,7 @@ def _pick() -> tuple[str, str]:
         loaded = sys.modules.get("aiofused._core.ring")
         core = "compiled" if loaded is not None and _is_extension(loaded) else "pure"
         return core, "the core was imported before aiofused chose one"
-    if _disabled():
+    if extensions_disabled():
         return "pure", "AIOFUSED_NO_EXTENSIONS is set"
     if not built():
         return "pure", "the compiled core is not built"

@@ -102,18 +102,8 @@ def _auto_line(probes: Sequence[ProbeResult]) -> str:
     return "asyncio (uring unavailable)"
 
 
-def _pin_line() -> str:
-    """Which ``pin_rw`` the uring backend runs (the C twin or its Python reference)."""
-    from aiofused._abi import pin
-
-    if pin.IMPL == "c":
-        return "c (aiofused._abi._pin)"
-    if os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0"):
-        return "python (AIOFUSED_NO_EXTENSIONS is set)"
-    return "python (the C twin is not built)"
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
+    from aiofused._abi import pin
     from aiofused.backend import available_backends
     from aiofused.driver import available_drivers
 
@@ -122,7 +112,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"python   {sys.version.split()[0]}")
     print(f"loop     {loop}")
     print(f"core     {CORE} ({CORE_REASON})")
-    print(f"sqe pin  {_pin_line()}")
+    print(f"sqe pin  {pin.IMPL} ({pin.REASON})")
     print("backends:")
     probes = available_backends()
     for probe in probes:

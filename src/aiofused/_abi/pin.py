@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 from collections.abc import Callable
 from typing import Final
 
 from aiofused._abi.uring import SQE_STRUCT
+from aiofused._twin import extensions_disabled
 
-__all__ = ["IMPL", "PinRw", "SqArray", "pin_rw", "pin_rw_py"]
+__all__ = ["IMPL", "REASON", "PinRw", "SqArray", "pin_rw", "pin_rw_py"]
 
 #: What holds the SQ array: the ring's mapping (tests: any writable buffer).
 SqArray = mmap.mmap | bytearray | memoryview
@@ -91,17 +91,19 @@ def pin_rw_py(
 PinRw = Callable[[SqArray, int, int, int, int, object, int, int, int, int], object]
 
 
-def _select() -> tuple[str, PinRw]:
-    if os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0"):
-        return "python", pin_rw_py
+def _select() -> tuple[str, str, PinRw]:
+    if extensions_disabled():
+        return "python", "AIOFUSED_NO_EXTENSIONS is set", pin_rw_py
     try:
         from aiofused._abi import _pin
     except ImportError:
-        return "python", pin_rw_py
-    return "c", _pin.pin_rw
+        return "python", "the C twin is not built", pin_rw_py
+    return "c", "aiofused._abi._pin", _pin.pin_rw
 
 
 _SELECTED: Final = _select()
-#: ``"c"`` when the C twin runs, ``"python"`` when this module's reference does.
+#: ``"c"`` when the C twin runs, ``"python"`` when this module's reference does;
+#: :data:`REASON` says why (``aiofused info`` prints both).
 IMPL: Final = _SELECTED[0]
-pin_rw: Final = _SELECTED[1]
+REASON: Final = _SELECTED[1]
+pin_rw: Final = _SELECTED[2]
