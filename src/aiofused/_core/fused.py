@@ -118,6 +118,9 @@ class FusedCommands:
     def queue_task_work(self, fn: Callable[[Any], None], arg: Any) -> None:
         raise NotImplementedError
 
+    def queue_lend_callback(self, p: Req) -> None:
+        raise NotImplementedError
+
     # ---- effects: one call each, forwarded to the port -------------------------------
     # The core reaches its port only through these.  The runtime (aiofused.Ring) is its
     # own port and overrides every one, so on the compiled twin an effect is a native
@@ -461,7 +464,7 @@ class FusedCommands:
     def _returned(self, p: Req) -> None:
         if p.fstate is _LENT:
             fused_step(p, _FI_RETURNED)
-            self.queue_task_work(self.run_callback, p)
+            self.queue_lend_callback(p)
         elif p.fstate is _CLOSING:
             fused_step(p, _FI_RETURNED)
             self._release_views(p)

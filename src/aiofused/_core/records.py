@@ -93,14 +93,23 @@ REQ_EDGES: Final[dict[int, ReqState]] = {
 }
 
 
+def _dense(edges: dict[int, Any], states: type[enum.IntEnum]) -> tuple[Any, ...]:
+    """``edges`` as a tuple indexed by the key, None where there is no edge (a tuple
+    index costs no hashing)."""
+    return tuple(edges.get(k) for k in range(max(states) + 16))
+
+
+#: ``REQ_EDGES`` as the table :func:`req_step` reads.
+REQ_NEXT: Final[tuple[ReqState | None, ...]] = _dense(REQ_EDGES, ReqState)
+
+
 def req_step(req: Req, inp: ReqInput) -> ReqState:
     """Move ``req`` along ``inp``; raise :class:`LifecycleError` if there is no edge."""
-    try:
-        new = REQ_EDGES[req.state + inp]
-    except KeyError:
+    new = REQ_NEXT[req.state + inp]
+    if new is None:
         raise LifecycleError(
             f"request ud={req.user_data}: {inp.name.lower()} in state {req.state.name.lower()}"
-        ) from None
+        )
     req.state = new
     return new
 
@@ -143,17 +152,18 @@ FUSED_TRANSITIONS: Final[dict[tuple[FusedState, FusedInput], FusedState]] = {
 FUSED_EDGES: Final[dict[int, FusedState]] = {
     int(s) + int(i): d for (s, i), d in FUSED_TRANSITIONS.items()
 }
+#: ``FUSED_EDGES`` as the table :func:`fused_step` reads.
+FUSED_NEXT: Final[tuple[FusedState | None, ...]] = _dense(FUSED_EDGES, FusedState)
 
 
 def fused_step(p: Req, inp: FusedInput) -> FusedState:
     """Move primary ``p`` along ``inp``; raise :class:`DriverError` if there is no edge."""
-    try:
-        new = FUSED_EDGES[p.fstate + inp]
-    except KeyError:
+    new = FUSED_NEXT[p.fstate + inp]
+    if new is None:
         raise DriverError(
             f"fused command ud={p.user_data}: {inp.name.lower()} is not allowed "
             f"in state {p.fstate.name.lower()}"
-        ) from None
+        )
     p.fstate = new
     return new
 
@@ -163,6 +173,9 @@ def _check_tables() -> None:
         raise AssertionError("lifecycle keys collide: states must be multiples of 16")
     if max(ReqInput) >= 16 or max(FusedInput) >= 16:
         raise AssertionError("lifecycle inputs must stay below 16")
+    for dense, edges in ((REQ_NEXT, REQ_EDGES), (FUSED_NEXT, FUSED_EDGES)):
+        if {k: d for k, d in enumerate(dense) if d is not None} != edges:
+            raise AssertionError("a dense lifecycle table differs from its edges")
 
 
 _check_tables()
@@ -270,6 +283,8 @@ class Req(IoOp):
         "flags",
         "fstate",
         "handle",
+        "inext",
+        "iprev",
         "is_fused",
         "issue_err",
         "link",
@@ -321,6 +336,9 @@ class Req(IoOp):
         self.lt: Req | None = None
         self.lt_target: Req | None = None
         self.timer: object = None
+        #: The ring's in-flight list (issued, not yet released): neighbours, or None.
+        self.inext: Req | None = None
+        self.iprev: Req | None = None
         self.seconds = 0.0
         self.target = 0
         self.fired = False

@@ -79,7 +79,7 @@ from aiofused._core.opdef import (
     nop_result,
     resolve_fd,
 )
-from aiofused._core.records import REQ_EDGES, LifecycleError, Req, ReqInput, ReqState
+from aiofused._core.records import Req, ReqInput, ReqState, req_step
 from aiofused._core.sqe import Cqe, Sqe
 from aiofused._errors import RingClosedError
 
@@ -125,6 +125,9 @@ _NOTIF_IN: Final = _I.NOTIF
 _RECYCLE: Final = _I.RECYCLE
 _ISSUE_IO: Final = Issue.IO
 _ISSUE_CMD: Final = Issue.COMMAND
+_ISSUE_NOP: Final = Issue.NOP
+_ISSUE_TIMEOUT: Final = Issue.TIMEOUT
+_ISSUE_CANCEL: Final = Issue.CANCEL
 _ZC: Final = UringEnc.ZC
 _opdefs_get: Final = OPDEFS.get
 _NO_FUSED: Final = {op: d for op, d in OPDEFS.items() if op != Op.FUSED_CMD}
@@ -174,15 +177,21 @@ class RingCore(FusedCommands):
         self.id = id(self)
         #: The op table this ring knows: without FUSED_REQ, opcode 128 is as unknown as
         #: any number the kernel lacks (-EINVAL, nothing after it a secondary: SPEC F1).
-        self._opdef_of: Callable[[int], OpDef | None] = (
+        self._opdef_get: Callable[[int], OpDef | None] = (
             _opdefs_get if self.fused_ok else _NO_FUSED.get
         )
+        #: The same, indexed by opcode (a list index costs no hashing).
+        self._opdefs: list[OpDef | None] = [self._opdef_get(op) for op in range(256)]
         # SQ: a fixed array of slots handed out in turn; ``_sq`` holds the pending ones.
         self._slots = [Sqe() for _ in range(self.sq_entries)]
         self._sq_mask = self.sq_entries - 1
         self._sq_next = 0
         self._sq: list[Sqe] = []
-        self.cq: collections.deque[Cqe] = collections.deque()
+        #: The CQ: ``cq[cq_head:]`` are the CQEs not yet seen (a list and a head index
+        #: rather than a deque: list operations are native when compiled; the seen prefix
+        #: is dropped when the CQ empties, or once it is the larger part).
+        self.cq: list[Cqe] = []
+        self.cq_head = 0
         self.cq_overflow = 0
         #: Set by the runtime while a task waits for CQEs (``port.wake`` is called then).
         self.waiting = False
@@ -192,13 +201,18 @@ class RingCore(FusedCommands):
         self.reg_views: list[memoryview] = []
         self.reg_pool: object = None
         self.reg_kernel = False
-        self._inflight: dict[Req, None] = {}
-        self._ready: list[Req] = []  # a list, not a deque: native operations when compiled
+        #: Issued requests not yet released, in issue order: an intrusive list through
+        #: ``Req.iprev``/``Req.inext`` from ``_in_head`` to ``_in_tail`` (no hashing).
+        self._in_head: Req | None = None
+        self._in_tail: Req | None = None
+        #: Requests to start once the one being started returns (no recursion).
+        self._ready: list[Req] = []
         self._issuing = False
         #: Inside io_batch (waiters are woken at its end), and whether it queued task work.
         self._batching = False
         self._batch_task_work = False
-        self._task_work: list[tuple[Callable[[Any], None], Any]] = []
+        #: Task work, in order: a primary (its lend callback is due) or ``(fn, arg)``.
+        self._task_work: list[Req | tuple[Callable[[Any], None], Any]] = []
         self.live = 0
         #: Units waiting behind a drain: (head, requests it stands for, drains).
         self._deferred: collections.deque[tuple[Req, int, bool]] = collections.deque()
@@ -215,17 +229,6 @@ class RingCore(FusedCommands):
         self._count_timeouts: list[tuple[int, int, Req]] = []
         self._tseq = itertools.count()
         self._free: list[Req] = []
-        #: How each Issue kind of the op table starts a request.
-        self._issuers: dict[Issue, Callable[[Req], None]] = {
-            Issue.IO: self._issue_io,
-            Issue.NOP: self._issue_nop,
-            Issue.COMMAND: self.issue_command,
-            Issue.TIMEOUT: self._arm_timeout,
-            Issue.CANCEL: self._async_cancel,
-            Issue.LINK_TIMEOUT: self._issue_link_timeout,
-        }
-        if set(self._issuers) != set(Issue):
-            raise AssertionError("every Issue kind needs an issuer")
         #: Memoryviews the core made and has not released; buffers lent right now.
         self.views = 0
         self.lent = 0
@@ -376,22 +379,49 @@ class RingCore(FusedCommands):
     def peek_cqe(self) -> Cqe | None:
         """Return the first CQE without consuming it, or None."""
         cq = self.cq
-        return cq[0] if cq else None
+        head = self.cq_head
+        return cq[head] if head < len(cq) else None
 
     def cqe_seen(self, cqe: Cqe) -> None:
         """Consume ``cqe`` (normally the one ``wait_cqe``/``peek_cqe`` returned)."""
         cq = self.cq
-        if cq and cq[0] is cqe:
-            cq.popleft()
+        head = self.cq_head
+        if head < len(cq) and cq[head] is cqe:
+            head += 1
+            if head == len(cq):
+                cq.clear()
+                head = 0
+            elif head >= 64 and 2 * head >= len(cq):
+                del cq[:head]
+                head = 0
+            self.cq_head = head
             return
-        try:
-            cq.remove(cqe)
-        except ValueError:
-            raise ValueError("CQE is not in the completion queue") from None
+        for i in range(head, len(cq)):
+            if cq[i] is cqe:
+                del cq[i]
+                return
+        raise ValueError("CQE is not in the completion queue")
 
     def cq_ready(self) -> int:
         """Number of CQEs waiting to be consumed."""
-        return len(self.cq)
+        return len(self.cq) - self.cq_head
+
+    def take_cqes(self, n: int) -> list[Cqe]:
+        """Consume and return the first ``n`` CQEs (``n <= cq_ready()``)."""
+        cq = self.cq
+        head = self.cq_head
+        if head + n == len(cq):
+            out = cq[head:] if head else cq
+            self.cq = []
+            self.cq_head = 0
+            return out
+        out = cq[head : head + n]
+        self.cq_head = head + n
+        return out
+
+    def pending_cqes(self) -> list[Cqe]:
+        """The CQEs not yet consumed, in order (a copy)."""
+        return self.cq[self.cq_head :]
 
     def in_flight(self) -> int:
         """Requests consumed and not yet finally completed."""
@@ -483,7 +513,7 @@ class RingCore(FusedCommands):
                 break
         else:
             req = Req(self)
-        req.state = REQ_EDGES[req.state + _CONSUME]
+        req_step(req, _CONSUME)
         req.user_data = user_data
         req.opcode = opdef.op if opdef is not None else opcode
         req.flags = flags
@@ -508,7 +538,11 @@ class RingCore(FusedCommands):
         flags = sqe.flags
         if type(flags) is not int:  # user code may have made it an IntFlag
             flags = int(flags)
-        opdef = self._opdef_of(sqe.opcode)
+        opcode = sqe.opcode
+        if type(opcode) is int and 0 <= opcode < 256:
+            opdef = self._opdefs[opcode]
+        else:
+            opdef = self._opdef_get(opcode)  # an IntEnum member, or not an opcode at all
         req = self._new(sqe.user_data, sqe.opcode, flags, opdef)
         if primary is not None:
             req.primary = primary
@@ -642,12 +676,13 @@ class RingCore(FusedCommands):
 
     def issue(self, req: Req) -> None:
         """Start ``req`` now, or right after the request being started (no recursion)."""
-        ready = self._ready
-        ready.append(req)
         if self._issuing:
+            self._ready.append(req)
             return
         self._issuing = True
         try:
+            self._issue_one(req)
+            ready = self._ready
             while ready:
                 self._issue_one(ready.pop(0))  # a handful at most: pop(0) is cheap
         finally:
@@ -660,19 +695,74 @@ class RingCore(FusedCommands):
             req.err = ECANCELED
             self.fail_one(req, ECANCELED, False)
             return
-        req.state = REQ_EDGES[req.state + _ISSUE]
-        self._inflight[req] = None
+        req_step(req, _ISSUE)
+        self._track(req)
         lt = req.lt
         if lt is not None:
-            lt.state = REQ_EDGES[lt.state + _ISSUE]
-            self._inflight[lt] = None
+            req_step(lt, _ISSUE)
+            self._track(lt)
             lt.timer = self.arm_timer(lt.seconds, self._link_timeout_fired, lt)
         try:
-            self._issuers[req.opdef.issue](req)  # type: ignore[union-attr]
+            self._dispatch_issue(req, req.opdef.issue)  # type: ignore[union-attr]
         except Exception:
-            self.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
-            if req.state is _INFLIGHT:
-                self.finish(req, EIO, _COMPLETE)
+            self._issue_failed(req)
+
+    def _issue_failed(self, req: Req) -> None:
+        """Its issuer raised: log it, and complete ``req`` with -EIO if still in flight."""
+        self.log_error("issue_failed", exc=True, op=req.opcode, user_data=req.user_data)
+        if req.state is _INFLIGHT:
+            self.finish(req, EIO, _COMPLETE)
+
+    def _dispatch_issue(self, req: Req, issue: Issue) -> None:
+        """Start ``req`` the way its op table entry's Issue kind says."""
+        if issue is _ISSUE_IO:
+            self._issue_io(req)
+        elif issue is _ISSUE_CMD:
+            self.issue_command(req)
+        elif issue is _ISSUE_NOP:
+            self._issue_nop(req)
+        elif issue is _ISSUE_TIMEOUT:
+            self._arm_timeout(req)
+        elif issue is _ISSUE_CANCEL:
+            self._async_cancel(req)
+        else:
+            self._issue_link_timeout(req)
+
+    def _track(self, req: Req) -> None:
+        """Append issued ``req`` to the in-flight list."""
+        tail = self._in_tail
+        req.iprev = tail
+        req.inext = None
+        if tail is None:
+            self._in_head = req
+        else:
+            tail.inext = req
+        self._in_tail = req
+
+    def _untrack(self, req: Req) -> None:
+        """Take ``req`` off the in-flight list (if it is on it)."""
+        prev = req.iprev
+        nxt = req.inext
+        if prev is None:
+            if self._in_head is not req:
+                return  # never issued (failed at init or behind a failed chain)
+            self._in_head = nxt
+        else:
+            prev.inext = nxt
+        if nxt is None:
+            self._in_tail = prev
+        else:
+            nxt.iprev = prev
+        req.iprev = req.inext = None
+
+    def inflight_reqs(self) -> list[Req]:
+        """The issued requests not yet released, in issue order (a copy)."""
+        out: list[Req] = []
+        r = self._in_head
+        while r is not None:
+            out.append(r)
+            r = r.inext
+        return out
 
     def _issue_io(self, req: Req) -> None:
         if req.issue_err or req.fd < 0:
@@ -709,7 +799,7 @@ class RingCore(FusedCommands):
             self.io_done(req, res, flags & ~IO_FAILED)
         elif flags & _CQE_NOTIF:
             if req.state is _NOTIF:
-                req.state = REQ_EDGES[req.state + _NOTIF_IN]
+                req_step(req, _NOTIF_IN)
                 on_cqe = req.on_cqe
                 if on_cqe is not None:
                     on_cqe(0, _CQE_NOTIF)
@@ -766,8 +856,15 @@ class RingCore(FusedCommands):
         """Run ``fn(arg)`` as task work.  Task work is batched: everything queued before
         the hop runs in that one ``port.task_work`` hop, in order; a batch of completions
         notes that it queued some, so that its waiters are woken after it."""
+        self._queue_item((fn, arg))
+
+    def queue_lend_callback(self, p: Req) -> None:
+        """Run primary ``p``'s lend callback as task work (:meth:`run_callback`)."""
+        self._queue_item(p)
+
+    def _queue_item(self, item: Req | tuple[Callable[[Any], None], Any]) -> None:
         tw = self._task_work
-        tw.append((fn, arg))
+        tw.append(item)
         if len(tw) == 1:
             self.task_work(self._run_task_work, None)
         if self._batching:
@@ -776,7 +873,11 @@ class RingCore(FusedCommands):
     def _run_task_work(self, _: object) -> None:
         tw = self._task_work
         self._task_work = []  # what the items queue now runs in the next hop
-        for fn, arg in tw:
+        for item in tw:
+            if isinstance(item, Req):
+                self.run_callback(item)  # catches what the callback raises
+                continue
+            fn, arg = item
             try:
                 fn(arg)
             except Exception:
@@ -819,14 +920,14 @@ class RingCore(FusedCommands):
         if lt is None or lt.state is _DONE or lt.state is _FREE or lt.fired:
             return
         if lt.state is _PREPARED:
-            lt.state = REQ_EDGES[lt.state + _ISSUE]
+            req_step(lt, _ISSUE)
         self.finish(lt, ECANCELED, _COMPLETE)
 
     def _async_cancel(self, req: Req) -> None:
         key = req.target
         targets = [
             r
-            for r in self._inflight
+            for r in self.inflight_reqs()
             if r.user_data == key
             and r is not req
             and r.state is _INFLIGHT
@@ -908,7 +1009,7 @@ class RingCore(FusedCommands):
             self.live += count
             head.err = head.err or ECANCELED
             self.fail_one(head, head.err, False)
-        for req in list(self._inflight):
+        for req in self.inflight_reqs():
             if req.state is _INFLIGHT and req.opcode not in (_OP_ASYNC_CANCEL, _OP_LINK_TIMEOUT):
                 self.cancel_req(req, _ignore)
         self.cancel_direct(None, True, _ignore)
@@ -920,7 +1021,7 @@ class RingCore(FusedCommands):
         count-completed TIMEOUT's own CQE does not)."""
         cq = self.cq
         cq.append(_tuple_new(Cqe, (user_data, res, flags)))  # Cqe(...) without its __new__
-        if len(cq) > self.cq_entries:
+        if len(cq) - self.cq_head > self.cq_entries:
             self.cq_overflow += 1
         if counts:
             self._cqe_seq += 1
@@ -940,12 +1041,7 @@ class RingCore(FusedCommands):
         self, req: Req, res: int, inp: ReqInput, flags: int = 0, drop_cqe: bool = False
     ) -> None:
         """The final completion: CQE, chain, release (SEND_ZC's RESULT: all but release)."""
-        try:
-            req.state = REQ_EDGES[req.state + inp]
-        except KeyError:
-            raise LifecycleError(
-                f"request ud={req.user_data}: {inp.name.lower()} in state {req.state.name.lower()}"
-            ) from None
+        req_step(req, inp)
         req.res = res
         timer = req.timer
         if timer is not None:
@@ -1024,7 +1120,7 @@ class RingCore(FusedCommands):
 
     def _release(self, req: Req) -> None:
         """Drop what the request holds and put the record back on the free list."""
-        self._inflight.pop(req, None)
+        self._untrack(req)
         buf = req.buf
         if buf is not None:
             req.buf = None
@@ -1041,7 +1137,7 @@ class RingCore(FusedCommands):
         if prim is not None:
             req.primary = None
             self.secondary_released(prim, req)
-        req.state = REQ_EDGES[req.state + _RECYCLE]
+        req_step(req, _RECYCLE)
         self._free.append(req)
         if self.live == 0 or self._deferred:
             self._after_release()

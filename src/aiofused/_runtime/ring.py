@@ -66,11 +66,10 @@ class Ring(RingCore):
         self.start_direct = self._backend.start_direct
         kernel_ops = self._backend.supported_ops
         #: opcode -> the backend that runs it (the op table says which ops are leaf I/O).
-        self._io_backend: dict[int, Backend] = {
-            int(op): self._backend if op in kernel_ops else self._fallback
-            for op, d in OPDEFS.items()
-            if d.backend
-        }
+        self._io_backend: list[Backend | None] = [None] * 256
+        for op, d in OPDEFS.items():
+            if d.backend:
+                self._io_backend[op] = self._backend if op in kernel_ops else self._fallback
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._owned_drivers: list[Driver] = []
@@ -97,23 +96,17 @@ class Ring(RingCore):
 
     async def wait_cqe(self) -> Cqe:
         """Wait for the first CQE and return it without consuming it."""
-        cq = self.cq
-        while not cq:  # inline, not a helper coroutine: one frame less per wait
+        while self.cq_head >= len(self.cq):  # inline, not a helper coroutine: one frame less
             await self._park(1)
-        return cq[0]
+        return self.cq[self.cq_head]
 
     async def wait_cqes(self, n: int) -> list[Cqe]:
         """Wait until ``n`` CQEs are ready; consume and return them in order."""
         if n <= 0:
             raise ValueError("n must be positive")
-        cq = self.cq
-        while len(cq) < n:
+        while self.cq_ready() < n:
             await self._park(n)
-        if n == len(cq):  # the common case: all of them (at C speed)
-            out = list(cq)
-            cq.clear()
-            return out
-        return [cq.popleft() for _ in range(n)]
+        return self.take_cqes(n)
 
     def statistics(self) -> dict[str, int | str]:
         """What the ring holds now: requests in flight, buffers lent, views alive, SQEs
@@ -124,7 +117,7 @@ class Ring(RingCore):
             "lent": self.lent,
             "views": self.views,
             "sq_pending": len(self._sq),
-            "cq_ready": len(self.cq),
+            "cq_ready": self.cq_ready(),
             "cq_overflow": self.cq_overflow,
             "backend_in_flight": self._backend.in_flight()
             + (self._fallback.in_flight() if self._fallback is not self._backend else 0),
@@ -300,7 +293,7 @@ class Ring(RingCore):
     def wake(self) -> None:
         """Resolve the waiters whose CQE count is reached."""
         waiters = self._waiters
-        have = len(self.cq)
+        have = len(self.cq) - self.cq_head
         if len(waiters) == 1:  # the common case: one reaper
             n, fut = waiters[0]
             if fut.done():
@@ -331,6 +324,7 @@ class Ring(RingCore):
     def start_io(self, req: Req) -> None:
         """Hand leaf op ``req`` to the backend that runs its opcode."""
         backend = self._io_backend[req.opcode]
+        assert backend is not None  # the op table sends only leaf I/O here
         req.backend = backend
         req.handle = backend.start(req, req)
 
