@@ -1,5 +1,5 @@
 """Build the optional compiled twin of the core, the Ring and the hot drivers (mypyc),
-and the small hand-written C twins (``aiofused._abi._pin``).
+and the small hand-written C twins (``aiofused._abi._pin``, ``aiofused._abi._cqe``).
 
 The modules in :data:`SOURCES` are the readable reference and always installed.  When it
 can, the build also compiles those very modules with mypyc: each gets an extension
@@ -133,17 +133,18 @@ def twin_extensions() -> list[Any]:
 
 def c_extensions() -> list[Any]:
     """The hand-written C twins (each beside its pure-Python reference, chosen at import
-    unless ``AIOFUSED_NO_EXTENSIONS=1``): ``aiofused._abi._pin``."""
+    unless ``AIOFUSED_NO_EXTENSIONS=1``): ``aiofused._abi._pin`` and ``._cqe``."""
     if extensions_disabled():
         return []
     from setuptools import Extension
 
     return [
         Extension(
-            "aiofused._abi._pin",
-            [os.path.relpath(SRC / "aiofused" / "_abi" / "_pin.c", ROOT)],
+            f"aiofused._abi.{name}",
+            [os.path.relpath(SRC / "aiofused" / "_abi" / f"{name}.c", ROOT)],
             extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
         )
+        for name in ("_pin", "_cqe")
     ]
 
 

@@ -70,6 +70,13 @@ def test_info_names_the_sqe_pin_that_runs(no_ext: str) -> None:
         assert got == "sqe pin  c (aiofused._abi._pin)", got
     else:
         assert got == "sqe pin  python (the C twin is not built)", got
+    got = line(p.stdout, "cqe")
+    if no_ext:
+        assert got == "cqe      python (AIOFUSED_NO_EXTENSIONS is set)", got
+    elif importlib.util.find_spec("aiofused._abi._cqe") is not None:
+        assert got == "cqe      c (aiofused._abi._cqe)", got
+    else:
+        assert got == "cqe      python (the C twin is not built)", got
 
 
 def test_info_auto_with_a_bad_override_says_so() -> None:

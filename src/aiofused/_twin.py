@@ -24,12 +24,21 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Final
+from typing import Any, Final, TypeVar
 
-__all__ = ["CORE", "REASON", "SOURCES", "built", "extensions_disabled", "select", "source_sha"]
+__all__ = [
+    "CORE",
+    "REASON",
+    "SOURCES",
+    "built",
+    "c_twin",
+    "extensions_disabled",
+    "select",
+    "source_sha",
+]
 
 #: The compiled modules' sources under the installation's root (``src/`` here), in the
 #: order the stamp hashes them; setup.py compiles this list.  The Ring is compiled with
@@ -61,6 +70,7 @@ _MODULES: Final = {
     for path in SOURCES
 }
 _STAMP: Final = "aiofused._core._stamp"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def source_sha() -> str:
@@ -104,6 +114,20 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
 def extensions_disabled() -> bool:
     """``AIOFUSED_NO_EXTENSIONS`` is set (to anything but ``0``): every twin runs pure."""
     return os.environ.get("AIOFUSED_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def c_twin(module: str, name: str, reference: _F) -> tuple[str, str, _F]:
+    """Pick a hand-written C twin: ``("c", module, module.name)`` when ``module`` (an
+    optional extension) was built and extensions are allowed, else ``("python", why,
+    reference)``."""
+    if extensions_disabled():
+        return "python", "AIOFUSED_NO_EXTENSIONS is set", reference
+    try:
+        twin = importlib.import_module(module)
+    except ImportError:
+        return "python", "the C twin is not built", reference
+    fn: _F = getattr(twin, name)
+    return "c", module, fn
 
 
 def _pick() -> tuple[str, str]:

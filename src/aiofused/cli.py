@@ -104,6 +104,7 @@ def _auto_line(probes: Sequence[ProbeResult]) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from aiofused._abi import pin
+    from aiofused._runtime.ring import CQE_TWIN
     from aiofused.backend import available_backends
     from aiofused.driver import available_drivers
 
@@ -113,6 +114,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"loop     {loop}")
     print(f"core     {CORE} ({CORE_REASON})")
     print(f"sqe pin  {pin.IMPL} ({pin.REASON})")
+    print(f"cqe      {CQE_TWIN[0]} ({CQE_TWIN[1]})")
     print("backends:")
     probes = available_backends()
     for probe in probes:

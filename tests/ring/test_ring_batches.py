@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from conftest import add, pairs
 
 from aiofused import Ring, SetupFlag
@@ -70,10 +71,11 @@ async def test_a_batch_of_plain_ops_wakes_the_waiter_once() -> None:
 
 async def test_statistics_say_what_the_ring_holds() -> None:
     """Ring.statistics(): a lent fused command in flight holds 2 requests, 1 lent buffer and
-    2 views (the lent buffer and the secondary's slice); nothing once it completed."""
+    2 views (the lent buffer and the secondary's slice of its first half); nothing once it
+    completed."""
     fake = FakeBackend()
     async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=fake) as ring:
-        null = ring.open_driver("null", size=4096)
+        null = ring.open_driver("null", size=8192)
         add(ring, 1, "fused_cmd", null, NULL_LEND, nr_secondary=1)
         add(ring, 2, "read", 5, 0, 4096, 0)
         assert ring.statistics()["sq_pending"] == 2
@@ -91,3 +93,30 @@ async def test_statistics_say_what_the_ring_holds() -> None:
             0,
             0,
         )
+
+
+async def test_a_whole_buffer_secondary_uses_the_lent_view() -> None:
+    """A secondary that covers the whole lent buffer uses the lend's own view (no slice):
+    1 view while in flight; the buffer stays exported until the primary completed, and
+    nothing holds it after."""
+    fake = FakeBackend()
+    buf = bytearray(4096)
+    async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=fake) as ring:
+        null = ring.open_driver("null", size=4096, buffer=buf)
+        add(ring, 1, "fused_cmd", null, NULL_LEND, nr_secondary=1)
+        add(ring, 2, "read", 5, 0, 4096, 0)
+        ring.submit()
+        op = await fake.wait_started()
+        stats = ring.statistics()
+        assert (stats["in_flight"], stats["lent"], stats["views"]) == (2, 1, 1)
+        view = op.io.buf
+        assert view is not None and view.obj is buf and view.nbytes == 4096
+        del view
+        with pytest.raises(BufferError):
+            buf.extend(b"x")  # exported while lent
+        fake.complete(op)
+        assert pairs(await ring.wait_cqes(2)) == [(2, 4096), (1, 0)]
+        stats = ring.statistics()
+        assert (stats["in_flight"], stats["lent"], stats["views"]) == (0, 0, 0)
+        buf.extend(b"x")  # nothing exports it any more
+        assert len(buf) == 4097

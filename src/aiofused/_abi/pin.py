@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Final
 
 from aiofused._abi.uring import SQE_STRUCT
-from aiofused._twin import extensions_disabled
+from aiofused._twin import c_twin
 
 __all__ = ["IMPL", "REASON", "PinRw", "SqArray", "pin_rw", "pin_rw_py"]
 
@@ -91,17 +91,7 @@ def pin_rw_py(
 PinRw = Callable[[SqArray, int, int, int, int, object, int, int, int, int], object]
 
 
-def _select() -> tuple[str, str, PinRw]:
-    if extensions_disabled():
-        return "python", "AIOFUSED_NO_EXTENSIONS is set", pin_rw_py
-    try:
-        from aiofused._abi import _pin
-    except ImportError:
-        return "python", "the C twin is not built", pin_rw_py
-    return "c", "aiofused._abi._pin", _pin.pin_rw
-
-
-_SELECTED: Final = _select()
+_SELECTED: Final = c_twin("aiofused._abi._pin", "pin_rw", pin_rw_py)
 #: ``"c"`` when the C twin runs, ``"python"`` when this module's reference does;
 #: :data:`REASON` says why (``aiofused info`` prints both).
 IMPL: Final = _SELECTED[0]

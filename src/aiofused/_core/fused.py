@@ -78,6 +78,10 @@ _COMPLETE: Final = ReqInput.COMPLETE
 _FAIL: Final = ReqInput.FAIL
 
 
+#: (A module constant: the builtin's name is looked up on every use when compiled.)
+_MEMORYVIEW: Final = memoryview
+
+
 def _ignore(res: int) -> None:
     pass
 
@@ -331,13 +335,13 @@ class FusedCommands:
         """The core's own flat byte view of ``buf`` for lending (DriverError if unfit)."""
         kind = type(buf)
         # (A bytearray or memoryview is never a pool's buffer: skip the failing lookup.)
-        if kind is not bytearray and kind is not memoryview:
+        if kind is not bytearray and kind is not _MEMORYVIEW:
             view = getattr(buf, "view", None)
-            if type(view) is memoryview and hasattr(buf, "pool"):  # a BufferPool's buffer
+            if type(view) is _MEMORYVIEW and hasattr(buf, "pool"):  # a BufferPool's buffer
                 if buf.pool is self.reg_pool:
                     p.fixed_index = buf.index  # registered: the secondaries become fixed ops
                 buf = view
-        mv = memoryview(buf)
+        mv = _MEMORYVIEW(buf)
         if kind is bytearray:
             return mv  # flat, contiguous and writable by construction
         if not mv.c_contiguous:
@@ -436,8 +440,11 @@ class FusedCommands:
             base = p.base
             assert base is not None
             off, n = s.sec_off, s.nbytes
-            if off < 0 or off > len(base) or n > len(base) - off:
+            size = len(base)
+            if off < 0 or off > size or n > size - off:
                 s.issue_err = EFAULT  # SPEC F8
+            elif off == 0 and n == size:
+                s.buf = base  # the whole buffer: the lend's own view (released with it)
             else:
                 s.buf = base[off : off + n]
                 self.views += 1

@@ -80,7 +80,7 @@ from aiofused._core.opdef import (
     resolve_fd,
 )
 from aiofused._core.records import Req, ReqInput, ReqState, req_step
-from aiofused._core.sqe import Cqe, Sqe
+from aiofused._core.sqe import Cqe, Sqe, new_cqe
 from aiofused._errors import RingClosedError
 
 if TYPE_CHECKING:
@@ -131,8 +131,8 @@ _ISSUE_CANCEL: Final = Issue.CANCEL
 _ZC: Final = UringEnc.ZC
 _opdefs_get: Final = OPDEFS.get
 _NO_FUSED: Final = {op: d for op, d in OPDEFS.items() if op != Op.FUSED_CMD}
-_tuple_new: Final = tuple.__new__
 _refcount: Final = sys.getrefcount
+_CQE: Final = Cqe
 
 
 def _unshared_refcount() -> int:
@@ -193,6 +193,9 @@ class RingCore(FusedCommands):
         self.cq: list[Cqe] = []
         self.cq_head = 0
         self.cq_overflow = 0
+        #: How a CQE is made: :func:`~aiofused._core.sqe.new_cqe`, or its C twin (the
+        #: runtime installs it where it was built; the core itself imports no extension).
+        self.new_cqe: Callable[[type[Cqe], int, int, int], Cqe] = new_cqe
         #: Set by the runtime while a task waits for CQEs (``port.wake`` is called then).
         self.waiting = False
         self._files: list[Any] = []
@@ -1020,7 +1023,7 @@ class RingCore(FusedCommands):
         """Append a CQE; ``counts``: it counts for TIMEOUTs with a count (an expired or
         count-completed TIMEOUT's own CQE does not)."""
         cq = self.cq
-        cq.append(_tuple_new(Cqe, (user_data, res, flags)))  # Cqe(...) without its __new__
+        cq.append(self.new_cqe(_CQE, user_data, res, flags))
         if len(cq) - self.cq_head > self.cq_entries:
             self.cq_overflow += 1
         if counts:
@@ -1122,9 +1125,11 @@ class RingCore(FusedCommands):
         """Drop what the request holds and put the record back on the free list."""
         self._untrack(req)
         buf = req.buf
+        prim = req.primary
         if buf is not None:
             req.buf = None
-            self.release_view(buf)
+            if prim is None or buf is not prim.base:  # (a whole-buffer secondary's is P's)
+                self.release_view(buf)
         req.file = req.handle = req.backend = req.on_cqe = req.driver = None
         req.lt_target = None
         self.live -= 1
@@ -1133,7 +1138,6 @@ class RingCore(FusedCommands):
             req._pdu = None
             if req.secondaries:
                 req.secondaries.clear()
-        prim = req.primary
         if prim is not None:
             req.primary = None
             self.secondary_released(prim, req)

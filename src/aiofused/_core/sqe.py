@@ -16,7 +16,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from aiofused._abi import Op, SqeFlag, UringCmdFlag
 from aiofused._core.records import DriverFile
 
-__all__ = ["Cqe", "FileLike", "Sqe"]
+__all__ = ["Cqe", "FileLike", "Sqe", "new_cqe"]
 
 _F_FIXED: Final = int(SqeFlag.FIXED_FILE)
 _OP_NOP: Final = int(Op.NOP)
@@ -49,6 +49,17 @@ class Cqe(NamedTuple):
     user_data: int
     res: int
     flags: int = 0
+
+
+_tuple_new: Final = tuple.__new__
+
+
+def new_cqe(cls: type[Cqe], user_data: int, res: int, flags: int) -> Cqe:
+    """A ``cls`` (:class:`Cqe`) holding the three fields, made as ``tuple.__new__``
+    makes it, without the NamedTuple's Python-level ``__new__``: the readable
+    reference of the C twin ``aiofused._abi._cqe.new_cqe``, which the runtime installs
+    as its core's :attr:`~aiofused._core.ring.RingCore.new_cqe` where it was built."""
+    return _tuple_new(cls, (user_data, res, flags))
 
 
 def _nbytes(buf: Any) -> int:

@@ -19,18 +19,22 @@ from aiofused._buffers import BufferPool
 from aiofused._core.opdef import OPDEFS
 from aiofused._core.records import DriverFile, FusedState, Req
 from aiofused._core.ring import RingCore
-from aiofused._core.sqe import Cqe
+from aiofused._core.sqe import Cqe, new_cqe
 from aiofused._driver import Driver, load_driver
 from aiofused._errors import DriverError, RingClosedError, res_to_error
 from aiofused._log import get_logger
 from aiofused._runtime.lease import FusedScope
 from aiofused._runtime.live import register
+from aiofused._twin import c_twin
 from aiofused.backends._base import Backend, select_backend
 
-__all__ = ["Ring"]
+__all__ = ["CQE_TWIN", "Ring"]
 
 log: Final = get_logger("aiofused.ring")
 _LENT: Final = FusedState.LENT
+#: How the Ring's CQEs are made: ``(impl, why, new_cqe)``, the C twin where it was
+#: built (``aiofused info`` prints the first two).
+CQE_TWIN: Final = c_twin("aiofused._abi._cqe", "new_cqe", new_cqe)
 
 
 class Ring(RingCore):
@@ -52,6 +56,7 @@ class Ring(RingCore):
     ) -> None:
         self.loop = asyncio.get_running_loop()
         super().__init__(entries, flags, self, cq_entries=cq_entries)
+        self.new_cqe = CQE_TWIN[2]
         if isinstance(backend, Backend):
             self._backend = backend
         else:

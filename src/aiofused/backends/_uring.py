@@ -349,11 +349,16 @@ class UringBackend(Backend):
         if not probe.available:
             raise BackendUnavailable(self.name, probe.reason)
         self._ops = probe.ops
-        self._opinfo: dict[int, tuple[int, int, int]] = {op: _OPINFO[op] for op in probe.ops}
+        #: opcode -> its _OPINFO entry, for the ops the kernel has (None: not here);
+        #: lists indexed by opcode, which cost no hashing.
+        self._opinfo: list[tuple[int, int, int] | None] = [None] * 256
         #: opcode -> (opcode, _I_* flags) for what start_direct takes.
-        self._direct_info = {
-            int(op): (info[0], info[2]) for op, info in self._opinfo.items() if op in DIRECT_OPS
-        }
+        self._direct_info: list[tuple[int, int] | None] = [None] * 256
+        for op in probe.ops:
+            info = _OPINFO[op]
+            self._opinfo[op] = info
+            if op in DIRECT_OPS:
+                self._direct_info[op] = (info[0], info[2])
         if cq_entries is None:
             cq_entries = 4 * sq_entries
         self._closed = False
@@ -455,15 +460,14 @@ class UringBackend(Backend):
 
     def start(self, op: IoOp, complete: Completion) -> BackendOp:
         """Write ``op``'s SQE (or queue it); the flush at the end of this tick submits it."""
-        info = self._opinfo.get(op.opcode)
+        opcode = op.opcode
+        info = self._opinfo[opcode] if 0 <= opcode < 256 else None
         buf = op.buf
         # The fast path: a plain op on a writable buffer, with room in the SQ (there is
         # no room while anything waits in the backlog, so the order is kept).
         if info is None or info[1] or buf is None or buf.readonly or not self._sq_free:
             return self._start_general(op, complete, info)
-        nbytes = op.nbytes
-        if not 0 <= nbytes <= buf.nbytes:
-            nbytes = buf.nbytes
+        nbytes = op.nbytes  # (pin_rw refuses more than buf holds: the general path clamps)
         # Safety: the pin exports buf (its memory cannot move or be freed) for as long as
         # the record holds it, i.e. until the op's final CQE has been reaped; pin_rw
         # writes the SQE naming that memory only once the export is held.
@@ -498,7 +502,8 @@ class UringBackend(Backend):
         user_data, if it is a kernel op on an int fd with a writable bytearray or
         memoryview that holds ``len`` bytes and the SQ has room (else False: the ring's
         general path takes it, and gives any error)."""
-        info = self._direct_info.get(sqe.opcode)
+        opcode = sqe.opcode
+        info = self._direct_info[opcode] if 0 <= opcode < 256 else None
         fd = sqe.fd
         if info is None or type(fd) is not int or fd < 0 or not self._sq_free:
             return False
@@ -708,8 +713,8 @@ class UringBackend(Backend):
         if self._closed:
             return
         self._closing = True
-        self._opinfo = {}  # start() now takes the general path, which refuses
-        self._direct_info = {}
+        self._opinfo = [None] * 256  # start() now takes the general path, which refuses
+        self._direct_info = [None] * 256
         loop = self.loop
         # Ops that never reached the kernel are cancelled here.
         while self._backlog:
