@@ -52,22 +52,28 @@ class NullDriver:
         if op == NULL_INLINE:
             return _packed_result(cmd.cmd)
         if op == NULL_QUEUED:
-            res = _packed_result(cmd.cmd)
-            cmd.complete_in_task(lambda c: c.done(res))
+            cmd.complete_in_task(_done_with_packed_result)
             return EIOCBQUEUED
-        if op not in (NULL_LEND, NULL_RESULTS):
+        if op != NULL_LEND and op != NULL_RESULTS:
             return -errno.EINVAL
         if not cmd.is_fused:
             return 0
         buf = self.buffer if self.buffer is not None else bytearray(self.size)
-        cmd.provide_buf_and_start(buf, self._returned)
+        cmd.provide_buf_and_start(buf, _returned)
         return EIOCBQUEUED
 
-    @staticmethod
-    def _returned(cmd: UringCmd) -> None:
-        if cmd.cancelled:
-            cmd.done(-errno.ECANCELED)
-        elif cmd.cmd_op == NULL_RESULTS:
-            cmd.done(sum(cmd.secondary_results))
-        else:
-            cmd.done(0)
+
+# (Module functions, not a lambda or a bound method: nothing is made per command.)
+
+
+def _done_with_packed_result(cmd: UringCmd) -> None:
+    cmd.done(_packed_result(cmd.cmd))
+
+
+def _returned(cmd: UringCmd) -> None:
+    if cmd.cancelled:
+        cmd.done(-errno.ECANCELED)
+    elif cmd.cmd_op == NULL_RESULTS:
+        cmd.done(sum(cmd.secondary_results))
+    else:
+        cmd.done(0)
