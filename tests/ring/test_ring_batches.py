@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from conftest import add, pairs
 
-from aiofused import Ring, SetupFlag
+from aiofused import Cqe, Ring, SetupFlag
 from aiofused.testing.fake import FakeBackend
 from aiofused_drivers.null import NULL_LEND
 
@@ -120,3 +120,23 @@ async def test_a_whole_buffer_secondary_uses_the_lent_view() -> None:
         assert (stats["in_flight"], stats["lent"], stats["views"]) == (0, 0, 0)
         buf.extend(b"x")  # nothing exports it any more
         assert len(buf) == 4097
+
+
+async def test_cqe_seen_takes_any_pending_cqe_or_an_equal_one() -> None:
+    """cqe_seen consumes the CQE given wherever it is in the CQ, an equal CQE standing
+    for it; one that is not pending raises ValueError and consumes nothing."""
+    async with Ring(8) as ring:
+        for ud in (1, 2, 3, 4):
+            add(ring, ud, "nop")
+        ring.submit()
+        assert [c.user_data for c in ring.pending_cqes()] == [1, 2, 3, 4]
+        ring.cqe_seen(Cqe(3, 0, 0))  # equal, not the object in the CQ
+        first = ring.peek_cqe()
+        assert first is not None
+        ring.cqe_seen(first)
+        with pytest.raises(ValueError):
+            ring.cqe_seen(Cqe(9, 0, 0))
+        assert [c.user_data for c in ring.pending_cqes()] == [2, 4]
+        assert ring.cq_ready() == 2
+        assert [c.user_data for c in await ring.wait_cqes(2)] == [2, 4]
+        assert ring.cq_ready() == 0 and ring.peek_cqe() is None

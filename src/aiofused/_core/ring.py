@@ -401,7 +401,7 @@ class RingCore(FusedCommands):
             self.cq_head = head
             return
         for i in range(head, len(cq)):
-            if cq[i] is cqe:
+            if cq[i] == cqe:  # (as deque.remove: an equal CQE is that CQE)
                 del cq[i]
                 return
         raise ValueError("CQE is not in the completion queue")
