@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from conftest import add, pairs
 
-from aiofused import Cqe, Ring, SetupFlag
+from aiofused import EIOCBQUEUED, BufferPool, Cqe, Ring, SetupFlag, UringCmd
 from aiofused.testing.fake import FakeBackend
 from aiofused_drivers.null import NULL_LEND
 
@@ -140,3 +140,52 @@ async def test_cqe_seen_takes_any_pending_cqe_or_an_equal_one() -> None:
         assert ring.cq_ready() == 2
         assert [c.user_data for c in await ring.wait_cqes(2)] == [2, 4]
         assert ring.cq_ready() == 0 and ring.peek_cqe() is None
+
+
+class _PoolLender:
+    """Lends one buffer of a registered pool, gives it back on completion."""
+
+    name = "pool-lender"
+    can_fused = True
+
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
+
+    def uring_cmd(self, cmd: UringCmd, issue_flags: int) -> int:
+        buf = self.pool.try_acquire()
+        assert buf is not None
+
+        def returned(c: UringCmd) -> None:
+            c.done(sum(c.secondary_results))
+            self.pool.release(buf)
+
+        cmd.provide_buf_and_start(buf, returned)
+        return EIOCBQUEUED
+
+
+@pytest.mark.parametrize("nbytes", [4096, 2048])
+async def test_a_registered_lent_buffer_makes_whole_and_partial_secondaries_fixed(
+    nbytes: int,
+) -> None:
+    """Lending a registered pool buffer makes its READ secondaries fixed ops on that slot
+    (buf_index), whether a secondary covers the whole buffer (the lend's own view) or a
+    part of it (a slice)."""
+    fake = FakeBackend()
+    pool = BufferPool(1, 4096)
+    try:
+        async with Ring(8, flags=SetupFlag.FUSED_REQ, backend=fake) as ring:
+            ring.register_buffers(pool)
+            df = ring.register_driver(_PoolLender(pool))
+            add(ring, 1, "fused_cmd", df, 0, nr_secondary=1)
+            add(ring, 2, "read", 5, 0, nbytes, 0)
+            ring.submit()
+            op = await fake.wait_started()
+            assert op.io.buf_index == 0 and op.io.nbytes == nbytes
+            view = op.io.buf
+            assert view is not None and view.nbytes == nbytes
+            del view
+            fake.complete(op)
+            assert pairs(await ring.wait_cqes(2)) == [(2, nbytes), (1, nbytes)]
+            assert ring.statistics()["views"] == 0 and pool.available == 1
+    finally:
+        pool.close()

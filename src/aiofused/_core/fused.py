@@ -443,11 +443,12 @@ class FusedCommands:
             size = len(base)
             if off < 0 or off > size or n > size - off:
                 s.issue_err = EFAULT  # SPEC F8
-            elif off == 0 and n == size:
-                s.buf = base  # the whole buffer: the lend's own view (released with it)
             else:
-                s.buf = base[off : off + n]
-                self.views += 1
+                if off == 0 and n == size:
+                    s.buf = base  # the whole buffer: the lend's own view (released with it)
+                else:
+                    s.buf = base[off : off + n]
+                    self.views += 1
                 if p.fixed_index >= 0 and s.opcode in FIXED_FORM:
                     s.buf_index = p.fixed_index
                     s.opcode = FIXED_FORM[s.opcode]
