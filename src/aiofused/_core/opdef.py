@@ -67,7 +67,6 @@ __all__ = [
     "link_threshold",
     "nop_result",
     "resolve_fd",
-    "run_prep",
 ]
 
 Prep = Callable[["RingCore", "Req", "Sqe"], int]
@@ -497,20 +496,6 @@ def _prep_fused(core: RingCore, req: Req, sqe: Sqe) -> int:
     return _prep_command(core, req, sqe, True)
 
 
-def run_prep(core: RingCore, req: Req, sqe: Sqe, opdef: OpDef) -> int:
-    """Run ``opdef.prep``.  The preps of the ops on every request path (READ/WRITE/SEND/
-    RECV and FUSED_CMD) are called by name, a native call when compiled; the rest
-    through the table's callable."""
-    prep = opdef.prep
-    if prep is _PREP_RW:
-        return _prep_rw(core, req, sqe)
-    if prep is _PREP_FUSED:
-        return _prep_fused(core, req, sqe)
-    return prep(core, req, sqe)
-
-
-_PREP_RW: Final = _prep_rw
-_PREP_FUSED: Final = _prep_fused
 _K: Final = UringEnc
 _RW_DEST: Final = _K.KERNEL | _K.BUF | _K.DEST
 _RW_SRC: Final = _K.KERNEL | _K.BUF

@@ -78,7 +78,6 @@ from aiofused._core.opdef import (
     link_threshold,
     nop_result,
     resolve_fd,
-    run_prep,
 )
 from aiofused._core.records import Req, ReqInput, ReqState, req_step
 from aiofused._core.sqe import Cqe, Sqe, new_cqe
@@ -556,12 +555,12 @@ class RingCore(FusedCommands):
         elif primary is not None and primary.err:
             pass  # the primary failed: its secondaries are only consumed
         elif flags & _CHECKED_FLAGS or sqe.ioprio:
-            req.err = self._generic_init(req, sqe, opdef) or run_prep(self, req, sqe, opdef)
+            req.err = self._generic_init(req, sqe, opdef) or opdef.prep(self, req, sqe)
             if flags & _F_BUFSEL and not req.err and req.issue_err in (0, EFAULT):
                 # Taken, and failed at issue (no buffer group); its addr is not a buffer.
                 req.issue_err = opdef.bufsel_issue_err
         else:
-            req.err = run_prep(self, req, sqe, opdef)
+            req.err = opdef.prep(self, req, sqe)
         if req.err and opdef is not None and opdef.issue is _ISSUE_CMD and not req.command:
             self.init_command(req, 0, b"", opdef.op == _OP_FUSED_CMD)
         elif (
