@@ -46,9 +46,10 @@ __all__ = [
 #: method through Python); the uring backend because every kernel op goes through it
 #: (its ctypes structures and buffer exports stay interpreted, in ``aiofused._abi``);
 #: the null and relay drivers, the proxy's pipe and the ublk and NBD servers because
-#: the benchmarks, the proxy and ``nbd serve`` run on them.  Not UblkDriver or
-#: the targets: users subclass those, and an interpreted class cannot inherit from a
-#: compiled one.
+#: the benchmarks, the proxy and ``nbd serve`` run on them.  The ublk device
+#: (``UblkDriver``, which users subclass) is compiled with interpreted subclasses
+#: allowed (``mypyc_attr``).  Not the targets: their resync and cleaner coroutines
+#: await inside exception handlers, where mypyc has mishandled the exception state.
 SOURCES: Final = (
     "aiofused/_core/fused.py",
     "aiofused/_core/opdef.py",
@@ -60,6 +61,7 @@ SOURCES: Final = (
     "aiofused_drivers/null.py",
     "aiofused_drivers/relay/__init__.py",
     "aiofused_drivers/relay/_pipe.py",
+    "aiofused_drivers/ublk/_device.py",
     "aiofused_drivers/ublk/_nbd.py",
     "aiofused_drivers/ublk/_server.py",
 )

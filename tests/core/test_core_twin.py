@@ -97,6 +97,26 @@ def test_no_extensions_runs_the_pure_core() -> None:
     ]
 
 
+#: Imports compiled driver modules before aiofused itself, then prints, for each of them
+#: and for the core's records, whether it came from an extension.
+DRIVERS_FIRST = (
+    "import sys; import aiofused_drivers.relay, aiofused_drivers.ublk._device; "
+    "mods = ('aiofused_drivers.relay', 'aiofused_drivers.ublk._device', "
+    "'aiofused._core.records'); "
+    "print(*(sys.modules[m].__file__.endswith('.so') for m in mods))"
+)
+
+
+@pytest.mark.parametrize("core", ["pure", pytest.param("compiled", marks=needs_twin)])
+def test_a_driver_imported_before_aiofused_runs_on_the_same_core(core: str) -> None:
+    """The twin selection runs before any compiled driver module loads: a driver imported
+    first once loaded compiled beside a pure core (and did with AIOFUSED_NO_EXTENSIONS=1),
+    so its native type checks refused the core's records ("Req object expected; got
+    Req")."""
+    same = "True" if core == "compiled" else "False"
+    assert _python(DRIVERS_FIRST, core) == " ".join([same] * 3)
+
+
 def _copy_package(dest: Path) -> None:
     """Copy the installed aiofused (with its twin) to ``dest``."""
     pkg = Path(aiofused.__file__).resolve().parent

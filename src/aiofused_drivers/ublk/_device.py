@@ -56,6 +56,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from aiofused import EIOCBQUEUED, BufDir, UringCmd
 from aiofused.driver import get_logger
 
@@ -239,6 +241,7 @@ class _Queue:
         self.next_addr = 1
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UblkDriver:
     """A ublk-style block device, usable as an aiofused driver (``ublk`` entry point).
 
