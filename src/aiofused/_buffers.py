@@ -21,9 +21,12 @@ import asyncio
 import collections
 import mmap
 
+from mypy_extensions import mypyc_attr
+
 __all__ = ["BufferPool", "PoolBuffer"]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PoolBuffer:
     """One slot: ``view`` is a writable memoryview of ``size`` bytes, ``index`` its slot."""
 
@@ -46,6 +49,7 @@ class PoolBuffer:
         return f"<PoolBuffer {self.index} of {self.pool!r}>"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BufferPool:
     """``count`` page-aligned buffers of ``size`` bytes; ``acquire`` waits when empty."""
 

@@ -51,6 +51,7 @@ __all__ = [
 #: allowed (``mypyc_attr``).  Not the targets: their resync and cleaner coroutines
 #: await inside exception handlers, where mypyc has mishandled the exception state.
 SOURCES: Final = (
+    "aiofused/_buffers.py",
     "aiofused/_core/fused.py",
     "aiofused/_core/opdef.py",
     "aiofused/_core/records.py",

@@ -265,3 +265,22 @@ async def test_accept_survives_a_failing_accept(
     await still_serves(srv)
     assert failures == [1]
     assert await settle(srv.service) == NO_LEAKS
+
+
+async def test_the_server_counts_requests_by_command_and_errors(srv: Served) -> None:
+    """NbdServer.stats: each request under its command number (an unknown number as
+    ``cmd?``), each error reply under ``errors``."""
+    c = await client(srv)
+    try:
+        c.request(READ, 0, 4096, cookie=1)
+        assert await c.simple_reply(4096) == (0, 1, PATTERN)
+        c.request(WRITE, 4096, 512, cookie=2, payload=b"w" * 512)
+        assert await c.simple_reply() == (0, 2, b"")
+        c.request(READ, SIZE, 512, cookie=3)  # past the end: EINVAL
+        assert await c.simple_reply() == (errno.EINVAL, 3, b"")
+        c.request(999, 0, 0, cookie=4)  # unknown command: EINVAL
+        assert await c.simple_reply() == (errno.EINVAL, 4, b"")
+    finally:
+        await c.close()
+    assert dict(srv.service.nbd.stats) == {"cmd0": 2, "cmd1": 1, "cmd?": 1, "errors": 2}
+    assert await settle(srv.service) == NO_LEAKS

@@ -79,7 +79,9 @@ _READ: Final = int(P.Cmd.READ)
 _WRITE: Final = int(P.Cmd.WRITE)
 _IO_READ: Final = int(IoOp.READ)
 _IO_WRITE: Final = int(IoOp.WRITE)
-_STAT_KEYS: Final = {int(c): f"cmd{int(c)}" for c in P.Cmd}
+#: Request counts by command number, in :attr:`NbdServer.stats` as ``cmdN`` (the known
+#: commands count in a list slot each; any other number in the last slot, as ``cmd?``).
+_NCMDS: Final = max(P.Cmd) + 1
 #: A successful simple reply: ``_simple_ok(_SIMPLE_MAGIC, 0, cookie)`` (P.simple_reply).
 _simple_ok: Final = struct.Struct(">IIQ").pack
 _SIMPLE_MAGIC: Final = P.SIMPLE_REPLY_MAGIC
@@ -176,12 +178,25 @@ class NbdServer:
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._closing = False
-        self.stats: collections.Counter[str] = collections.Counter()
+        #: Requests by command (the last slot: unknown commands), and errors replied.
+        self.cmd_counts = [0] * (_NCMDS + 1)
+        self.errors = 0
         #: Connections waiting for request buffers (the shared budget was spent).
         self._buffer_waiters: dict[Connection, None] = {}
         self.buffers.on_release.append(self._buffers_released)
 
     # ---- export lookup ----------------------------------------------------------------
+
+    @property
+    def stats(self) -> collections.Counter[str]:
+        """Requests by command (``cmd0`` ..., ``cmd?`` for unknown ones) and ``errors``."""
+        out: collections.Counter[str] = collections.Counter()
+        for typ, n in enumerate(self.cmd_counts):
+            if n:
+                out[f"cmd{typ}" if typ < _NCMDS else "cmd?"] = n
+        if self.errors:
+            out["errors"] = self.errors
+        return out
 
     def lookup(self, name: str) -> P.ExportInfo | None:
         exp = self.exports.get(name) if name else self.default_export
@@ -613,7 +628,7 @@ class Connection:
                 self._pause()  # no room for its buffer yet: the header stays unread
                 break
             self._rpos += _HDR_SIZE
-            self.server.stats[_STAT_KEYS.get(typ) or f"cmd{typ}"] += 1
+            self.server.cmd_counts[typ if typ < _NCMDS else _NCMDS] += 1
             self._xstats.requests += 1
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
@@ -762,7 +777,7 @@ class Connection:
         self._queue_out(P.block_status_reply(cookie, extents), None)
 
     def _error(self, cookie: int, err: int, discard: int = 0) -> None:
-        self.server.stats["errors"] += 1
+        self.server.errors += 1
         self._xstats.errors += 1
         if discard:
             if discard > P.MAX_PAYLOAD:
